@@ -1,0 +1,208 @@
+"""Typed configuration: one dataclass per stage, loaded from YAML.
+
+Every threshold, model name, batch size, resource request and path lives here, so
+moving from a laptop to a GPU cluster is a change of configuration only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class StorageConfig:
+    """Credentials and endpoint for s3:// paths (else taken from the environment)."""
+
+    endpoint_url: str | None = None
+    key: str | None = None
+    secret: str | None = None
+    region: str | None = None
+
+
+@dataclass
+class RayConfig:
+    """How to reach Ray: address None starts a local cluster."""
+
+    address: str | None = None
+    num_cpus: int | None = None
+    object_store_memory: int | None = None
+
+
+@dataclass
+class SourceConfig:
+    """One input dataset: a PUB11 source name and where its metadata files lie."""
+
+    name: str
+    paths: list[str]
+
+
+@dataclass
+class IngestConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    batch_rows: int = 65_536
+    max_caption_bytes: int = 16_384
+
+
+@dataclass
+class KeywordConfig:
+    enabled: bool = True
+    # None means RS5M's 44 keywords (rs5m_ray.stages.keyword_filter.RS5M_KEYWORDS).
+    keywords: list[str] | None = None
+
+
+@dataclass
+class UrlDedupConfig:
+    enabled: bool = True
+    num_partitions: int = 16
+
+
+@dataclass
+class DownloadConfig:
+    enabled: bool = True
+    concurrency_per_task: int = 64  # in-flight requests per worker
+    timeout_s: float = 10.0  # whole request, per attempt
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 5.0  # longest silence between received chunks
+    retries: int = 2  # extra attempts after a transient failure
+    backoff_base_s: float = 0.5  # retry n waits base * 2**n plus jitter
+    backoff_max_s: float = 20.0
+    max_retry_after_s: float = 60.0  # a longer Retry-After gives up at once
+    max_bytes: int = 20 * 1024 * 1024
+    max_redirects: int = 5
+    # Politeness across the whole job (host = the URL's host:port).
+    max_per_host: int = 16  # concurrent requests
+    host_requests_per_s: float | None = None  # token bucket rate; None = no rate limit
+    host_burst: int = 16  # token bucket size
+    respect_opt_out: bool = True  # X-Robots-Tag noai / noimageai
+    opt_out_directives: list[str] = field(default_factory=lambda: ["noai", "noimageai"])
+    require_image_content_type: bool = True  # text/html etc. -> bad_content_type
+    user_agent: str = "rs5m-ray/0.1 (research image-text dataset builder)"
+    # Safety: only http(s) to public addresses unless switched on.
+    allow_private_addresses: bool = False
+    allow_storage_sources: bool = False  # s3:// and local paths read through Storage
+
+
+@dataclass
+class DecodeConfig:
+    max_pixels: int = 89_478_485  # larger images are refused (decompression bombs)
+    resize_mode: str = "keep"  # keep | max_side | shortest_side (only ever shrinks)
+    resize_size: int = 512
+    reencode_quality: int = 95
+    phash: bool = True  # compute the perceptual hash in the same pass
+    phash_method: str = "phash"
+
+
+@dataclass
+class NearDupConfig:
+    phash_enabled: bool = True
+    hamming_radius: int = 4
+    embedding_enabled: bool = True
+    cosine_threshold: float = 0.95
+    k: int = 5
+    keep_priority: list[str] = field(default_factory=lambda: ["laion2b", "laion400m", "coyo700m"])
+    drop_first: list[str] = field(default_factory=lambda: ["laioncoco"])
+    index_path: str | None = None
+
+
+@dataclass
+class ScoringConfig:
+    enabled: bool = True
+    clip_model: str = "rs5m-tiny-vit"
+    clip_pretrained: str | None = None
+    detector_checkpoint: str | None = None
+    batch_size: int = 64
+    num_gpus: float = 0.0
+    min_actors: int = 1
+    max_actors: int = 1
+    clip_quantile_keep: float = 0.90
+    detector_quantile_keep: float = 0.80
+
+
+@dataclass
+class ShardConfig:
+    prefix: str = "pub11"
+    samples_per_shard: int = 10_000
+    val_fraction: float = 0.05
+    seed: int = 2023
+
+
+@dataclass
+class PipelineConfig:
+    """The PUB11 job: every stage's section plus where inputs and outputs live."""
+
+    output: str = "runs/demo"
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    keyword: KeywordConfig = field(default_factory=KeywordConfig)
+    url_dedup: UrlDedupConfig = field(default_factory=UrlDedupConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    near_dup: NearDupConfig = field(default_factory=NearDupConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
+    """Build dataclass `cls` from a plain dict, rejecting unknown keys by name."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where or cls.__name__}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(args[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int):
+        return float(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Load a PipelineConfig from YAML, then apply nested `overrides`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    return from_dict(PipelineConfig, _merge(data, overrides or {}))
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

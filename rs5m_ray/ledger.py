@@ -1,0 +1,152 @@
+"""The stage contract and the drop ledger.
+
+A stage maps a pyarrow batch to a batch of the same rows with a `drop_reason`
+column (null = kept) and optionally `drop_detail`. `Accounted` wraps any stage: it
+keeps the kept rows in the stream, writes the dropped ones to the ledger and
+writes per-source row counts, so every input row is accounted for at the end.
+
+Side outputs are named after the batch's first sample_id (each row is in exactly
+one batch of a stage), so a retried task overwrites its own files instead of
+counting twice.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from rs5m_ray.storage import Storage, join
+
+DROP_REASON = "drop_reason"
+DROP_DETAIL = "drop_detail"
+LEDGER_COLUMNS = ["sample_id", "source", "url", "caption", "stage", DROP_REASON, DROP_DETAIL]
+STATS_SCHEMA = pa.schema(
+    [("stage", pa.string()), ("source", pa.string()), ("rows_in", pa.int64()),
+     ("rows_out", pa.int64()), ("seconds", pa.float64())]
+)
+
+
+def mark_dropped(table: pa.Table, mask: pa.Array, reason: str | pa.Array, detail: Any = None) -> pa.Table:
+    """Set drop_reason (and detail) where `mask` is true and the row is not dropped yet."""
+    table = ensure_drop_columns(table)
+    live = pc.and_(pc.fill_null(mask, False), pc.is_null(table[DROP_REASON]))
+    reason_arr = _as_array(reason, len(table))
+    detail_arr = _as_array(detail, len(table))
+    new_reason = pc.if_else(live, reason_arr, table[DROP_REASON])
+    new_detail = pc.if_else(live, detail_arr, table[DROP_DETAIL])
+    table = table.set_column(table.schema.get_field_index(DROP_REASON), DROP_REASON, new_reason)
+    return table.set_column(table.schema.get_field_index(DROP_DETAIL), DROP_DETAIL, new_detail)
+
+
+def _as_array(value: Any, n: int) -> pa.Array:
+    if isinstance(value, (pa.Array, pa.ChunkedArray)):
+        return pc.cast(value, pa.string())
+    return pa.array([value] * n, pa.string()) if value is not None else pa.nulls(n, pa.string())
+
+
+def ensure_drop_columns(table: pa.Table) -> pa.Table:
+    for name in (DROP_REASON, DROP_DETAIL):
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(len(table), pa.string()))
+    return table
+
+
+def kept(table: pa.Table) -> pa.Table:
+    return table.filter(pc.is_null(table[DROP_REASON]))
+
+
+def dropped(table: pa.Table) -> pa.Table:
+    return table.filter(pc.is_valid(table[DROP_REASON]))
+
+
+def batch_key(table: pa.Table) -> str:
+    return hashlib.sha1(f"{table['sample_id'][0].as_py()}|{len(table)}".encode()).hexdigest()[:20]
+
+
+class Accounted:
+    """Runs a stage on a batch; ledger for the dropped rows, counts for the report.
+
+    `stage` is a batch function or a class (built once, in the worker: model stages
+    load their model in `__init__`). Use as `ds.map_batches(Accounted, fn_constructor_kwargs=...)`
+    for a class in an actor pool, or `ds.map_batches(Accounted(...))` for a function.
+    """
+
+    def __init__(self, stage_name: str, output: str, storage: Storage,
+                 stage: Callable[[pa.Table], pa.Table] | type | None = None, stage_args: tuple = (),
+                 stage_kwargs: dict | None = None):
+        self.stage_name = stage_name
+        self.output = output
+        self.storage = storage
+        self.stage = stage(*stage_args, **(stage_kwargs or {})) if isinstance(stage, type) else stage
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if len(batch) == 0:
+            return batch
+        start = time.perf_counter()
+        result = self.stage(batch)
+        return self.account(batch, result, time.perf_counter() - start)
+
+    def account(self, batch: pa.Table, result: pa.Table, seconds: float) -> pa.Table:
+        """Ledger the dropped rows of `result` (the stage's output for `batch`); return the kept ones."""
+        result = ensure_drop_columns(result)
+        if len(result) != len(batch):
+            raise RuntimeError(f"stage {self.stage_name} returned {len(result)} rows for {len(batch)}: "
+                               "stages must mark drops, not remove rows")
+        key = batch_key(batch)
+        out = kept(result)
+        gone = dropped(result)
+        if len(gone):
+            write_ledger(self.storage, self.output, self.stage_name, key, gone)
+        write_stats(self.storage, self.output, self.stage_name, key, batch, out, seconds)
+        return out.drop_columns([DROP_REASON, DROP_DETAIL])
+
+
+def write_ledger(storage: Storage, output: str, stage: str, key: str, rows: pa.Table) -> None:
+    n = len(rows)
+    cols = {c: rows[c] if c in rows.column_names else pa.nulls(n, pa.string()) for c in LEDGER_COLUMNS if c != "stage"}
+    cols["stage"] = pa.array([stage] * n, pa.string())
+    table = pa.table({c: pc.cast(cols[c], pa.string()) for c in LEDGER_COLUMNS})
+    write_parquet(storage, join(output, "ledger", stage, f"{key}.parquet"), table)
+
+
+def write_stats(storage: Storage, output: str, stage: str, key: str, batch: pa.Table,
+                out: pa.Table, seconds: float) -> None:
+    rows_in = _count_by_source(batch)
+    rows_out = _count_by_source(out)
+    sources = sorted(rows_in)
+    total = max(len(batch), 1)
+    table = pa.table({
+        "stage": [stage] * len(sources),
+        "source": sources,
+        "rows_in": [rows_in[s] for s in sources],
+        "rows_out": [rows_out.get(s, 0) for s in sources],
+        "seconds": [seconds * rows_in[s] / total for s in sources],
+    }, schema=STATS_SCHEMA)
+    write_parquet(storage, join(output, "stats", stage, f"{key}.parquet"), table)
+
+
+def _count_by_source(table: pa.Table) -> dict[str, int]:
+    if len(table) == 0:
+        return {}
+    counts = pc.value_counts(table["source"])
+    return {v["values"].as_py(): v["counts"].as_py() for v in counts}
+
+
+def write_parquet(storage: Storage, path: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    storage.write_atomic(path, buf.getvalue())
+
+
+def read_parquet_dir(storage: Storage, path: str) -> pa.Table | None:
+    """All parquet files below `path` as one table, or None if there are none."""
+    files = storage.glob(join(path, "**", "*.parquet"))
+    if not files:
+        return None
+    return pa.concat_tables([pq.read_table(io.BytesIO(storage.read_bytes(f))) for f in files],
+                            promote_options="permissive")

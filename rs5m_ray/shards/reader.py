@@ -1,0 +1,347 @@
+"""Fast reader of RS5M shards for training and the model stages.
+
+Gives the tensors of the CLIP eval transform (Resize(S) bicubic on the shorter side,
+CenterCrop(S), RGB, ToTensor, Normalize) that RS5M's `dataloader.py` applies, but
+cheaper: the JPEG is decoded at a reduced DCT scale when it is at least twice the
+target, only the centre crop is resampled (PIL's antialiased bicubic on uint8, with a
+source box, so the result equals resize-then-crop), batches stay uint8 in one
+preallocated shared-memory tensor, and `normalize` runs on the accelerator.
+Shards stream from local disk or S3 through a read-ahead thread.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import queue
+import random
+import tarfile
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import braceexpand
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from rs5m_ray.shards.layout import SHARD_RE
+from rs5m_ray.storage import Storage
+
+log = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Reduced-size decoding keeps at least this many source pixels per output pixel
+# (tests/test_shard_reader.py measures the error this gives against the reference).
+DRAFT_MARGIN = 2.0
+_CHUNK = 4 << 20
+
+
+def expand_urls(urls: str | Iterable[str], storage: Storage | None = None) -> list[str]:
+    """Shard URLs from a brace pattern (`pub11-train-{0000..0031}.tar`), a glob, a
+    directory (its files named like RS5M shards), or a list of any of these."""
+    storage = storage or Storage()
+    if not isinstance(urls, str):
+        return [u for spec in urls for u in expand_urls(spec, storage)]
+    out: list[str] = []
+    for url in braceexpand.braceexpand(urls):
+        if any(c in url for c in "*?["):
+            out += storage.glob(url)
+        elif url.endswith("/"):
+            out += [p for p in storage.glob(url + "*.tar") if SHARD_RE.match(os.path.basename(p))]
+        else:
+            out.append(url)
+    return out
+
+
+# ---------------------------------------------------------------- image preprocessing
+
+def _reference_geometry(w: int, h: int, size: int) -> tuple[int, int, int, int]:
+    """torchvision Resize(size) then CenterCrop(size): resized (w, h) and crop (left, top)."""
+    short, long = min(w, h), max(w, h)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    return new_w, new_h, int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+
+
+def preprocess(data: bytes, size: int = 224, draft_margin: float | None = DRAFT_MARGIN) -> np.ndarray:
+    """Encoded image -> uint8 HWC RGB array [size, size, 3] of the CLIP eval transform.
+
+    `draft_margin=None` decodes at full size (bit-exact geometry of the reference).
+    """
+    img = Image.open(io.BytesIO(data))
+    w, h = img.size
+    new_w, new_h, left, top = _reference_geometry(w, h, size)
+    if draft_margin is not None and img.format == "JPEG":
+        # JPEG draft picks the largest DCT reduction whose result still covers the request.
+        img.draft("RGB", (int(new_w * draft_margin), int(new_h * draft_margin)))
+    sx, sy = img.size[0] / new_w, img.size[1] / new_h
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    # The reference resizes in the file's own mode and converts to RGB afterwards.
+    img = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img)
+
+
+def normalize(images: torch.Tensor, device: str | torch.device = "cpu",
+              mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [B,3,H,W] -> normalised float on `device`: ToTensor + Normalize in one pass there."""
+    x = images.to(device, non_blocking=True).contiguous().to(dtype)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device, dtype=dtype).view(1, -1, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std)], device=device, dtype=dtype).view(1, -1, 1, 1)
+    return x.mul_(scale).sub_(shift)
+
+
+# ---------------------------------------------------------------- shard streaming
+
+class _ReadAhead:
+    """Reads the shards' bytes in a thread, up to `max_bytes` ahead of the consumer, so
+    object-store latency overlaps decoding (also across shard boundaries)."""
+
+    _END = object()
+
+    def __init__(self, urls: list[str], storage: Storage, max_bytes: int):
+        self._q: queue.Queue = queue.Queue(maxsize=max(2, max_bytes // _CHUNK))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(urls, storage), daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _run(self, urls: list[str], storage: Storage) -> None:
+        for url in urls:
+            try:
+                with storage.open(url) as f:
+                    while chunk := f.read(_CHUNK):
+                        if not self._put(chunk):
+                            return
+                end = self._END
+            except Exception as e:  # noqa: BLE001 - reported to the consumer as a bad shard
+                end = e
+            if not self._put(end):
+                return
+
+    def next_shard(self) -> "_ShardBytes":
+        return _ShardBytes(self._q, self._END)
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class _ShardBytes(io.RawIOBase):
+    """The current shard's bytes as a file object over the read-ahead queue."""
+
+    def __init__(self, q: queue.Queue, end):
+        self._q, self._end = q, end
+        self._buf = memoryview(b"")
+        self.done = False
+        self.error: Exception | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf and not self.done:
+            item = self._q.get()
+            if item is self._end or isinstance(item, Exception):
+                self.done, self.error = True, item if isinstance(item, Exception) else None
+            else:
+                self._buf = memoryview(item)
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def drain(self) -> None:
+        while not self.done:
+            self.readinto(bytearray(_CHUNK))
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """webdataset's rule: the key is the path up to the first dot of the file name."""
+    head, _, base = name.rpartition("/")
+    stem, _, suffix = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), suffix
+
+
+def iter_shard_samples(f, url: str) -> Iterator[dict[str, bytes]]:
+    """Samples of one tar stream: members grouped by key, in file order."""
+    sample: dict[str, bytes] = {}
+    with tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, suffix = _split_member(member.name)
+            if sample and sample["__key__"] != key:
+                yield sample
+                sample = {}
+            sample.setdefault("__key__", key)
+            sample["__url__"] = url
+            sample[suffix] = tar.extractfile(member).read()
+    if sample:
+        yield sample
+
+
+def _shuffled(samples: Iterator, bufsize: int, rng: random.Random, initial: int = 100) -> Iterator:
+    """webdataset's shuffle buffer (same semantics as `.shuffle(bufsize)`), seeded."""
+    if bufsize <= 1:
+        yield from samples
+        return
+    initial, buf = min(initial, bufsize), []
+    for s in samples:
+        buf.append(s)
+        if len(buf) < bufsize:
+            nxt = next(samples, None)
+            if nxt is not None:
+                buf.append(nxt)
+        if len(buf) >= initial:
+            yield _pick(buf, rng)
+    while buf:
+        yield _pick(buf, rng)
+
+
+def _pick(buf: list, rng: random.Random):
+    k = rng.randint(0, len(buf) - 1)
+    buf[k], buf[-1] = buf[-1], buf[k]
+    return buf.pop()
+
+
+# ---------------------------------------------------------------- the reader
+
+@dataclass
+class ReaderStats:
+    shards: int = 0
+    samples: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+
+
+class ShardReader(IterableDataset):
+    """Batches `{"image": uint8 [B,3,S,S], "caption", "img_name", "key", "json", "skipped"}`.
+
+    `image` is a channels-last view of one shared-memory buffer (no per-sample
+    tensors, no copy when a DataLoader worker hands it over); feed it to `normalize`.
+    `skipped` counts the samples dropped since the previous batch, by reason.
+    Order is deterministic given (urls, seed, epoch, world_size, DataLoader workers).
+    Shards are split over rank x worker; with fewer shards than that, every reader
+    reads all shards and keeps every n-th sample so each sample still comes once.
+    """
+
+    def __init__(self, urls: str | Iterable[str], storage: Storage | None = None, *, image_size: int = 224,
+                 batch_size: int = 256, seed: int = 0, shuffle_buffer: int = 10_000, shuffle_shards: bool = True,
+                 rank: int = 0, world_size: int = 1, drop_last: bool = False,
+                 draft_margin: float | None = DRAFT_MARGIN, read_ahead_bytes: int = 64 << 20):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        self.storage = storage or Storage()
+        self.urls = expand_urls(urls, self.storage)
+        if not self.urls:
+            raise ValueError(f"no shards match {urls!r}")
+        self.image_size, self.batch_size = image_size, batch_size
+        self.seed, self.epoch = seed, 0
+        self.shuffle_buffer, self.shuffle_shards = shuffle_buffer, shuffle_shards
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.draft_margin, self.read_ahead_bytes = draft_margin, read_ahead_bytes
+        self.stats = ReaderStats()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _assignment(self) -> tuple[list[str], int, int]:
+        """This reader's shards and its (index, count) among all readers."""
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        index, count = self.rank * workers + worker, self.world_size * workers
+        urls = list(self.urls)
+        if self.shuffle_shards:
+            random.Random(f"{self.seed}:{self.epoch}").shuffle(urls)
+        if len(urls) >= count:
+            return urls[index::count], 0, 1
+        return urls, index, count
+
+    def samples(self) -> Iterator[dict[str, bytes]]:
+        """Raw samples of this reader's share, after the shuffle buffer."""
+        urls, index, count = self._assignment()
+        rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{get_worker_info().id if get_worker_info() else 0}")
+        return _shuffled(self._raw_samples(urls, index, count), self.shuffle_buffer, rng)
+
+    def _raw_samples(self, urls: list[str], index: int, count: int) -> Iterator[dict[str, bytes]]:
+        ahead = _ReadAhead(urls, self.storage, self.read_ahead_bytes)
+        n = 0
+        try:
+            for url in urls:
+                f = ahead.next_shard()
+                self.stats.shards += 1
+                try:
+                    for sample in iter_shard_samples(f, url):
+                        if n % count == index:
+                            yield sample
+                        n += 1
+                except (tarfile.TarError, OSError, EOFError) as e:
+                    self._skip("bad_shard", url, e)
+                if f.error is not None:
+                    self._skip("bad_shard", url, f.error)
+                f.drain()
+        finally:
+            ahead.close()
+
+    def _skip(self, reason: str, what: str, err: object) -> None:
+        self.stats.skipped[reason] += 1
+        log.warning("skipping %s (%s): %s", what, reason, err)
+
+    def __iter__(self) -> Iterator[dict]:
+        size, bs = self.image_size, self.batch_size
+        in_worker = get_worker_info() is not None
+        buf = batch = None
+        reported: Counter = Counter()
+        for sample in self.samples():
+            if buf is None:
+                buf = torch.empty((bs, size, size, 3), dtype=torch.uint8)
+                if in_worker:  # handed to the main process as a file descriptor, not copied
+                    buf.share_memory_()
+                arr, batch = buf.numpy(), {"caption": [], "img_name": [], "key": [], "json": []}
+            try:
+                if "img_content" not in sample or "caption" not in sample:
+                    raise ValueError(f"missing members, has {sorted(k for k in sample if not k.startswith('__'))}")
+                arr[len(batch["key"])] = preprocess(sample["img_content"], size, self.draft_margin)
+                caption = sample["caption"].decode("utf-8")
+                name = sample["img_name"].decode("utf-8") if "img_name" in sample else sample["__key__"]
+            except Exception as e:  # noqa: BLE001 - any undecodable sample is skipped and counted
+                reason = "incomplete_sample" if isinstance(e, ValueError) and "missing" in str(e) else "corrupt_sample"
+                self._skip(reason, f"{sample['__url__']}:{sample['__key__']}", e)
+                continue
+            batch["caption"].append(caption)
+            batch["img_name"].append(name)
+            batch["key"].append(sample["__key__"])
+            batch["json"].append(sample.get("json", b"").decode("utf-8", "replace"))
+            self.stats.samples += 1
+            if len(batch["key"]) == bs:
+                yield self._emit(buf, batch, reported)
+                buf = None
+        if buf is not None and batch["key"] and not self.drop_last:
+            yield self._emit(buf[: len(batch["key"])], batch, reported)
+
+    def _emit(self, buf: torch.Tensor, batch: dict, reported: Counter) -> dict:
+        batch["image"] = buf.permute(0, 3, 1, 2)
+        batch["skipped"] = dict(self.stats.skipped - reported)
+        reported.update(batch["skipped"])
+        return batch
+
+
+def make_loader(reader: ShardReader, num_workers: int = 4, pin_memory: bool = False,
+                prefetch_batches: int = 2) -> DataLoader:
+    """A DataLoader running `reader` in `num_workers` processes (batches come whole from the reader)."""
+    return DataLoader(reader, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      prefetch_factor=prefetch_batches if num_workers else None,
+                      persistent_workers=False)

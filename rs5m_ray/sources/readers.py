@@ -1,0 +1,218 @@
+"""Streaming readers: one metadata file -> canonical pyarrow batches.
+
+Files are read batch by batch (parquet row groups, CSV blocks, JSON-lines
+chunks), so memory stays flat however large the input. Rows with unusable fields
+are kept in the batch with a drop reason (the ingest stage's ledger); a file that
+cannot be read at all raises `SourceFileError` naming it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from rs5m_ray.ledger import mark_dropped
+from rs5m_ray.sources.adapters import SourceAdapter
+from rs5m_ray.storage import Storage
+
+CANONICAL = ("sample_id", "source", "url", "caption")
+
+
+class SourceFileError(RuntimeError):
+    """A metadata file that cannot be read (malformed, missing columns)."""
+
+    def __init__(self, path: str, why: str):
+        super().__init__(f"{path}: {why}")
+        self.path, self.why = path, why
+
+
+def file_stem(path: str) -> str:
+    name = os.path.basename(path.rstrip("/"))
+    name = re.sub(r"(\.(parquet|tsv|csv|jsonl?|txt))?(\.(gz|bz2|zst|xz))?$", "", name)
+    return re.sub(r"[^A-Za-z0-9-]", "-", name)
+
+
+def read_raw(path: str, adapter: SourceAdapter, storage: Storage, batch_rows: int) -> Iterator[pa.Table]:
+    """Yield the adapter's columns from one file, in order, as raw tables."""
+    fs = storage.fs(path)
+    try:
+        f = fs.open(path, "rb", compression="infer")
+    except (OSError, ValueError) as e:
+        raise SourceFileError(path, f"cannot open: {e}") from e
+    with f:
+        try:
+            yield from _READERS[adapter.format](f, path, adapter, batch_rows)
+        except SourceFileError:
+            raise
+        except (pa.ArrowException, ValueError, OSError, UnicodeDecodeError) as e:
+            raise SourceFileError(path, f"malformed {adapter.format}: {e}") from e
+
+
+def _read_parquet(f, path, adapter, batch_rows):
+    pf = pq.ParquetFile(f)
+    columns = _present(path, adapter, pf.schema_arrow.names)
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+        yield pa.Table.from_batches([batch])
+
+
+def _read_delimited(f, path, adapter, batch_rows):
+    delimiter = "\t" if adapter.format == "tsv" else ","
+    read = pacsv.ReadOptions(column_names=list(adapter.header) if adapter.header else None, block_size=8 << 20)
+    parse = pacsv.ParseOptions(delimiter=delimiter, quote_char=False if delimiter == "\t" else '"',
+                               newlines_in_values=False)
+    if adapter.header:
+        names = list(adapter.header)
+    else:
+        names = _peek_header(f, delimiter)
+    columns = _present(path, adapter, names)
+    # Binary, so that a caption with invalid UTF-8 becomes a drop reason, not a failed file.
+    convert = pacsv.ConvertOptions(include_columns=columns, column_types={c: pa.binary() for c in columns},
+                                   strings_can_be_null=False)
+    reader = pacsv.open_csv(f, read_options=read, parse_options=parse, convert_options=convert)
+    pending: list[pa.RecordBatch] = []
+    rows = 0
+    for batch in reader:
+        pending.append(batch)
+        rows += batch.num_rows
+        if rows >= batch_rows:
+            yield pa.Table.from_batches(pending)
+            pending, rows = [], 0
+    if pending:
+        yield pa.Table.from_batches(pending)
+
+
+def _peek_header(f, delimiter: str) -> list[str]:
+    line = f.readline()
+    f.seek(0)
+    return line.decode("utf-8", errors="replace").rstrip("\r\n").split(delimiter)
+
+
+def _read_jsonl(f, path, adapter, batch_rows):
+    records: list[dict] = []
+    for lineno, line in enumerate(io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape"), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise SourceFileError(path, f"line {lineno}: invalid JSON ({e.msg})") from e
+        if len(records) >= batch_rows:
+            yield _records_table(path, adapter, records)
+            records = []
+    if records:
+        yield _records_table(path, adapter, records)
+
+
+def _read_json(f, path, adapter, batch_rows):
+    try:
+        doc = json.load(f)
+    except json.JSONDecodeError as e:
+        raise SourceFileError(path, f"invalid JSON ({e.msg} at line {e.lineno})") from e
+    records = doc.get(adapter.json_records_key) if adapter.json_records_key and isinstance(doc, dict) else doc
+    if not isinstance(records, list):
+        raise SourceFileError(path, f"expected a list of records under {adapter.json_records_key!r}")
+    for start in range(0, len(records), batch_rows):
+        yield _records_table(path, adapter, records[start:start + batch_rows])
+
+
+def _records_table(path: str, adapter: SourceAdapter, records: list) -> pa.Table:
+    if not all(isinstance(r, dict) for r in records):
+        raise SourceFileError(path, "JSON records must be objects")
+    names = set().union(*(r.keys() for r in records))
+    columns = _present(path, adapter, names)
+    return pa.table({c: pa.array([_json_text(r.get(c)) for r in records], pa.string()) for c in columns})
+
+
+def _json_text(value) -> str | None:
+    if value is None:
+        return None
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+_READERS = {"parquet": _read_parquet, "tsv": _read_delimited, "csv": _read_delimited,
+            "jsonl": _read_jsonl, "json": _read_json}
+
+
+def _present(path: str, adapter: SourceAdapter, names) -> list[str]:
+    names = set(names)
+    if adapter.url_column not in names:
+        raise SourceFileError(path, f"missing URL column {adapter.url_column!r} ({adapter.name}); has {sorted(names)}")
+    if not any(c in names for c in adapter.caption_columns):
+        raise SourceFileError(path, f"missing caption column(s) {list(adapter.caption_columns)} ({adapter.name})")
+    missing_required = [c for c, _ in adapter.require if c not in names]
+    if missing_required:
+        raise SourceFileError(path, f"missing column(s) {missing_required} ({adapter.name})")
+    return [c for c in adapter.columns if c in names]
+
+
+def canonicalize(raw: pa.Table, adapter: SourceAdapter, stem: str, first_row: int,
+                 max_caption_bytes: int) -> pa.Table:
+    """Map a raw batch to the canonical schema; unusable rows get a drop reason."""
+    n = len(raw)
+    rows = pa.array(range(first_row, first_row + n), pa.int64())
+    sample_id = pc.binary_join_element_wise(f"{adapter.name}_{stem}", pc.cast(rows, pa.string()), "_")
+    url, url_ok = _as_text(raw[adapter.url_column])
+    captions = [_as_text(raw[c]) for c in adapter.caption_columns if c in raw.column_names]
+    caption = pc.coalesce(*(pc.if_else(pc.equal(pc.utf8_trim_whitespace(c), ""), None, c) for c, _ in captions))
+    caption_ok = _all(ok for _, ok in captions)
+    cols = {"sample_id": sample_id, "source": pa.array([adapter.name] * n, pa.string()), "url": url,
+            "caption": caption}
+    for c in adapter.extra_columns:
+        cols[c] = _as_text(raw[c])[0] if c in raw.column_names else pa.nulls(n, pa.string())
+    table = pa.table(cols)
+
+    too_long = pc.greater(pc.binary_length(pc.fill_null(caption, "")), max_caption_bytes)
+    checks = [
+        (pc.invert(url_ok), "invalid_utf8", "url"),
+        (pc.invert(caption_ok), "invalid_utf8", "caption"),
+        (pc.or_(pc.is_null(url), pc.equal(pc.utf8_trim_whitespace(pc.fill_null(url, "")), "")), "null_url", None),
+        (pc.match_substring(pc.fill_null(url, ""), "\x00"), "invalid_url", "NUL byte"),
+        (pc.invert(pc.match_substring_regex(pc.fill_null(url, ""), r"^\S+$")), "invalid_url", "whitespace"),
+        (pc.is_null(caption), "empty_caption", None),
+        (pc.match_substring(pc.fill_null(caption, ""), "\x00"), "caption_nul_byte", None),
+        (too_long, "caption_too_long", f"> {max_caption_bytes} bytes"),
+    ]
+    for column, value in adapter.require:
+        v, _ = _as_text(raw[column])
+        checks.append((pc.invert(pc.fill_null(pc.equal(v, value), False)), f"filtered_{column}", f"!= {value}"))
+    for mask, reason, detail in checks:
+        table = mark_dropped(table, mask, reason, detail)
+    # A rejected giant caption is cut in the ledger; kept captions are never altered.
+    clipped = pc.utf8_slice_codeunits(pc.fill_null(caption, ""), 0, max_caption_bytes)
+    return table.set_column(3, "caption", pc.if_else(too_long, clipped, caption))
+
+
+def _as_text(col: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
+    """The column as UTF-8 strings and a mask of rows that were valid UTF-8."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return pc.cast(col, pa.string()), pa.array([True] * len(col))
+    if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)):
+        return pc.cast(col, pa.string()), pa.array([True] * len(col))
+    try:
+        return pc.cast(col, pa.string()), pa.array([True] * len(col))
+    except pa.ArrowInvalid:
+        # Rare path: find the invalid rows in Python, keep them (replaced) for the ledger.
+        values, ok = [], []
+        for b in col.to_pylist():
+            try:
+                values.append(None if b is None else b.decode("utf-8"))
+                ok.append(True)
+            except UnicodeDecodeError:
+                values.append(b.decode("utf-8", errors="replace"))
+                ok.append(False)
+        return pa.array(values, pa.string()), pa.array(ok)
+
+
+def _all(masks) -> pa.Array:
+    out = None
+    for m in masks:
+        out = m if out is None else pc.and_(out, m)
+    return out
