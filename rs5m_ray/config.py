@@ -112,12 +112,29 @@ class NearDupConfig:
 
 @dataclass
 class ScoringConfig:
+    """The CLIP image pass (s_i, c_i, embedding) and the global quantile filter (notes §1.5)."""
+
     enabled: bool = True
+    # Any open_clip architecture; the default is a tiny registered test config (random weights).
     clip_model: str = "rs5m-tiny-vit"
+    # None = random init; an open_clip tag (e.g. "laion2b_s34b_b79k", needs internet or its hub cache),
+    # a local path, s3://..., or "hf-hub:org/repo/file.pt" (hub cache). .pt/.bin (weights_only) or .safetensors.
     clip_pretrained: str | None = None
-    detector_checkpoint: str | None = None
-    batch_size: int = 64
+    weights_cache_dir: str | None = None  # where s3:// / hub weights are cached; None = ~/.cache/rs5m_ray
+    strict_weights: bool = True  # a checkpoint missing any model key is an error (else a warning)
+    device: str = "auto"  # auto = cuda when available, else cpu
+    precision: str = "auto"  # auto = fp16 on GPU, fp32 on CPU; or fp32 | fp16 | bf16
+    compile: bool = False  # torch.compile the image tower
+    channels_last: bool = False  # memory format for conv towers (ConvNeXt) on GPU
+    prompts: list[str] | None = None  # None = RS5M's 33 prompts (rs5m_ray.models.prompts)
+    normalize_prompts: bool = True  # L2-normalise each prompt embedding before averaging
+    detector_checkpoint: str | None = None  # versioned detector dir (rs5m train-detector --out)
+    batch_size: int = 256  # rows per Ray batch
+    forward_batch_size: int = 64  # images per forward; decode of the next chunk overlaps this one
+    decode_threads: int = 2  # per actor
+    decode_draft: bool = True  # let libjpeg decode at reduced scale when the image is larger than needed
     num_gpus: float = 0.0
+    num_cpus: float = 1.0  # per actor
     min_actors: int = 1
     max_actors: int = 1
     clip_quantile_keep: float = 0.90

@@ -80,6 +80,7 @@ class Accounted:
                  stage: Callable[[pa.Table], pa.Table] | type | None = None, stage_args: tuple = (),
                  stage_kwargs: dict | None = None):
         self.stage_name = stage_name
+        self.__name__ = stage_name  # Ray names operators (and map_groups requires it) by __name__
         self.output = output
         self.storage = storage
         self.stage = stage(*stage_args, **(stage_kwargs or {})) if isinstance(stage, type) else stage

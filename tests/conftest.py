@@ -80,9 +80,16 @@ def s3_bucket(s3_server, request):
     from rs5m_ray.config import StorageConfig
     from rs5m_ray.storage import Storage
 
-    storage = Storage(StorageConfig(endpoint_url=s3_server, key="testing", secret="testing", region="us-east-1"))
+    storage = Storage(StorageConfig(endpoint_url=s3_server, key="testing", secret="testing"))
     name = "b-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
     fs = storage.fs("s3://")
     if not fs.exists(name):
         fs.mkdir(name)
     return f"s3://{name}", storage
+
+
+@pytest.fixture
+def storage_local():
+    from rs5m_ray.storage import Storage
+
+    return Storage()

@@ -24,6 +24,7 @@ from typing import Iterable, Iterator
 import braceexpand
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -67,10 +68,11 @@ def _reference_geometry(w: int, h: int, size: int) -> tuple[int, int, int, int]:
     return new_w, new_h, int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
 
 
-def preprocess(data: bytes, size: int = 224, draft_margin: float | None = DRAFT_MARGIN) -> np.ndarray:
-    """Encoded image -> uint8 HWC RGB array [size, size, 3] of the CLIP eval transform.
+def preprocess(data: bytes, size: int = 224, draft_margin: float | None = DRAFT_MARGIN) -> torch.Tensor:
+    """Encoded image -> uint8 CHW RGB tensor [3, size, size] of the CLIP eval transform.
 
-    `draft_margin=None` decodes at full size (bit-exact geometry of the reference).
+    The resize is torch's uint8 antialiased bicubic (PIL's kernel, vectorised); the
+    crop is a view. `draft_margin=None` decodes at full size.
     """
     img = Image.open(io.BytesIO(data))
     w, h = img.size
@@ -78,13 +80,11 @@ def preprocess(data: bytes, size: int = 224, draft_margin: float | None = DRAFT_
     if draft_margin is not None and img.format == "JPEG":
         # JPEG draft picks the largest DCT reduction whose result still covers the request.
         img.draft("RGB", (int(new_w * draft_margin), int(new_h * draft_margin)))
-    sx, sy = img.size[0] / new_w, img.size[1] / new_h
-    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
-    # The reference resizes in the file's own mode and converts to RGB afterwards.
-    img = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
     if img.mode != "RGB":
         img = img.convert("RGB")
-    return np.asarray(img)
+    chw = torch.from_numpy(np.array(img)).permute(2, 0, 1)  # a channels-last view of the pixels
+    resized = F.interpolate(chw[None], size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+    return resized[0, :, top:top + size, left:left + size]
 
 
 def normalize(images: torch.Tensor, device: str | torch.device = "cpu",
@@ -258,8 +258,8 @@ class ShardReader(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _assignment(self) -> tuple[list[str], int, int]:
-        """This reader's shards and its (index, count) among all readers."""
+    def _assignment(self) -> tuple[list[str], int, int, int]:
+        """This reader's shards, which n-th of every `count` samples it keeps, and its index."""
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         index, count = self.rank * workers + worker, self.world_size * workers
@@ -267,13 +267,13 @@ class ShardReader(IterableDataset):
         if self.shuffle_shards:
             random.Random(f"{self.seed}:{self.epoch}").shuffle(urls)
         if len(urls) >= count:
-            return urls[index::count], 0, 1
-        return urls, index, count
+            return urls[index::count], 0, 1, index
+        return urls, index, count, index
 
     def samples(self) -> Iterator[dict[str, bytes]]:
         """Raw samples of this reader's share, after the shuffle buffer."""
-        urls, index, count = self._assignment()
-        rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{get_worker_info().id if get_worker_info() else 0}")
+        urls, index, count, reader = self._assignment()
+        rng = random.Random(f"{self.seed}:{self.epoch}:{reader}")
         return _shuffled(self._raw_samples(urls, index, count), self.shuffle_buffer, rng)
 
     def _raw_samples(self, urls: list[str], index: int, count: int) -> Iterator[dict[str, bytes]]:
@@ -283,16 +283,17 @@ class ShardReader(IterableDataset):
             for url in urls:
                 f = ahead.next_shard()
                 self.stats.shards += 1
+                error: Exception | None = None
                 try:
                     for sample in iter_shard_samples(f, url):
                         if n % count == index:
                             yield sample
                         n += 1
                 except (tarfile.TarError, OSError, EOFError) as e:
-                    self._skip("bad_shard", url, e)
-                if f.error is not None:
-                    self._skip("bad_shard", url, f.error)
+                    error = e
                 f.drain()
+                if f.error or error:  # a read failure also ends the tar stream early: count it once
+                    self._skip("bad_shard", url, f.error or error)
         finally:
             ahead.close()
 
@@ -310,16 +311,17 @@ class ShardReader(IterableDataset):
                 buf = torch.empty((bs, size, size, 3), dtype=torch.uint8)
                 if in_worker:  # handed to the main process as a file descriptor, not copied
                     buf.share_memory_()
-                arr, batch = buf.numpy(), {"caption": [], "img_name": [], "key": [], "json": []}
+                batch = {"caption": [], "img_name": [], "key": [], "json": []}
+            if "img_content" not in sample or "caption" not in sample:
+                members = sorted(k for k in sample if not k.startswith("__"))
+                self._skip("incomplete_sample", f"{sample['__url__']}:{sample['__key__']}", f"members {members}")
+                continue
             try:
-                if "img_content" not in sample or "caption" not in sample:
-                    raise ValueError(f"missing members, has {sorted(k for k in sample if not k.startswith('__'))}")
-                arr[len(batch["key"])] = preprocess(sample["img_content"], size, self.draft_margin)
+                buf[len(batch["key"])] = preprocess(sample["img_content"], size, self.draft_margin).permute(1, 2, 0)
                 caption = sample["caption"].decode("utf-8")
                 name = sample["img_name"].decode("utf-8") if "img_name" in sample else sample["__key__"]
             except Exception as e:  # noqa: BLE001 - any undecodable sample is skipped and counted
-                reason = "incomplete_sample" if isinstance(e, ValueError) and "missing" in str(e) else "corrupt_sample"
-                self._skip(reason, f"{sample['__url__']}:{sample['__key__']}", e)
+                self._skip("corrupt_sample", f"{sample['__url__']}:{sample['__key__']}", e)
                 continue
             batch["caption"].append(caption)
             batch["img_name"].append(name)

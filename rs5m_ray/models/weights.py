@@ -1,0 +1,105 @@
+"""Checkpoint files for open_clip models: find them, read them safely, load them with a key report.
+
+Sources: a local path, any remote URL Storage reads (s3://...), or `hf-hub:org/repo/path/in/repo`
+(the Hugging Face hub cache; set HF_HUB_OFFLINE=1 to use only what is cached). Remote files
+are cached on local disk once per node. Files are read with `torch.load(weights_only=True)`
+or safetensors: never arbitrary pickles.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rs5m_ray.storage import Storage, is_local
+
+log = logging.getLogger(__name__)
+
+HF_HUB_PREFIX = "hf-hub:"
+DEFAULT_CACHE = Path.home() / ".cache" / "rs5m_ray" / "weights"
+# Checkpoint layouts seen in the wild -> open_clip names. ITRA (GeoRSCLIP's trainer) stores the
+# towers as text_backbone.* / image_backbone.* (RS5M inference/convert_weight.py); DDP adds module.
+KEY_PREFIX_MAP = (("module.", ""), ("text_backbone.", ""), ("image_backbone.", "visual."))
+
+
+@dataclass
+class LoadReport:
+    """What a checkpoint load left out: model keys it lacked, checkpoint keys the model lacks."""
+
+    source: str
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+
+def resolve_weights(source: str, storage: Storage | None = None, cache_dir: str | None = None) -> str:
+    """A local file holding `source`'s bytes (downloaded into the cache when remote)."""
+    cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE
+    if source.startswith(HF_HUB_PREFIX):
+        from huggingface_hub import hf_hub_download
+
+        parts = source[len(HF_HUB_PREFIX):].split("/")
+        if len(parts) < 3:
+            raise ValueError(f"{source!r}: expected hf-hub:org/repo/path/to/file")
+        return hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]), cache_dir=str(cache / "hf"))
+    if is_local(source):
+        path = source.removeprefix("file://")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"weights file not found: {source}")
+        return path
+    return _cached_copy(source, storage or Storage(), cache)
+
+
+def _cached_copy(url: str, storage: Storage, cache: Path) -> str:
+    fs = storage.fs(url)
+    size = fs.info(url)["size"]
+    target = cache / hashlib.sha1(url.encode()).hexdigest()[:16] / os.path.basename(url)
+    if target.is_file() and target.stat().st_size == size:
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex}")
+    with storage.open(url) as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst, length=16 * 1024 * 1024)
+    os.replace(tmp, target)  # concurrent actors on one node may race here: each writes a whole file
+    log.info("cached %s (%d bytes) at %s", url, size, target)
+    return str(target)
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors or torch checkpoint, unwrapped from `state_dict` and key prefixes."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        data = load_file(path, device="cpu")
+    else:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    return {_rename(k): v for k, v in data.items()}
+
+
+def _rename(key: str) -> str:
+    for old, new in KEY_PREFIX_MAP:
+        if key.startswith(old):
+            key = new + key[len(old):]
+    return key
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str,
+                 strict: bool = True) -> LoadReport:
+    """Load into `model`; missing keys raise when strict, else they are reported and logged."""
+    result = model.load_state_dict(state_dict, strict=False)
+    report = LoadReport(source, sorted(result.missing_keys), sorted(result.unexpected_keys))
+    if report.missing and strict:
+        raise ValueError(f"{source}: checkpoint lacks {len(report.missing)} model key(s), e.g. "
+                         f"{report.missing[:5]}; wrong architecture? (strict_weights=false to allow)")
+    if report.missing or report.unexpected:
+        log.warning("%s: missing keys %s, unexpected keys %s", source, report.missing[:10], report.unexpected[:10])
+    return report

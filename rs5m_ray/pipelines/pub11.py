@@ -1,0 +1,90 @@
+"""The PUB11 path as one streaming Ray Data job.
+
+ingest -> keyword filter -> URL dedup -> download -> decode/validate (+pHash)
+-> pHash near-dup -> CLIP image pass (s_i, c_i, embedding) -> embedding near-dup
+-> global quantile thresholds -> pub11-*.tar shards, ledger, report.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import ray
+import ray.data
+
+from rs5m_ray.config import PipelineConfig, to_dict
+from rs5m_ray.ledger import Accounted
+from rs5m_ray.report import build_report
+from rs5m_ray.shards.writer import SHARD, ShardWriter, assign_shards, shard_counts, write_manifest
+from rs5m_ray.sources.ingest import IngestFiles, list_inputs
+from rs5m_ray.stages.keyword_filter import KeywordFilter
+from rs5m_ray.stages.url_dedup import BUCKET, add_url_bucket, dedup_urls
+from rs5m_ray.storage import Storage, join
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cfg: PipelineConfig) -> None:
+    if ray.is_initialized():
+        return
+    ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
+             include_dashboard=False, log_to_driver=False)
+
+
+def claim_output(cfg: PipelineConfig, storage: Storage) -> None:
+    """A run directory belongs to one configuration: resuming with another would mix ledgers."""
+    path = join(cfg.output, "run_config.json")
+    mine = json.dumps(to_dict(cfg), sort_keys=True, indent=1)
+    if storage.exists(path):
+        theirs = storage.read_bytes(path).decode()
+        if theirs != mine:
+            raise ValueError(f"{cfg.output} holds a run with a different configuration; "
+                             "resume with the same config or choose another output")
+        return
+    storage.write_atomic(path, mine.encode())
+
+
+def metadata_stages(ds: ray.data.Dataset, cfg: PipelineConfig, storage: Storage) -> ray.data.Dataset:
+    """Keyword filter and global URL dedup: cheap, vectorised, on billions of rows."""
+    out = cfg.output
+    if cfg.keyword.enabled:
+        ds = ds.map_batches(Accounted("keyword_filter", out, storage,
+                                      KeywordFilter(cfg.keyword.keywords, out, storage)),
+                            batch_format="pyarrow")
+    if cfg.url_dedup.enabled:
+        parts = cfg.url_dedup.num_partitions
+        ds = (ds.map_batches(add_url_bucket, fn_kwargs={"num_partitions": parts}, batch_format="pyarrow")
+              .groupby(BUCKET, num_partitions=parts)
+              .map_groups(Accounted("url_dedup", out, storage, dedup_urls), batch_format="pyarrow"))
+    return ds
+
+
+def write_shards(ds: ray.data.Dataset, cfg: PipelineConfig, storage: Storage) -> dict:
+    shards_dir = join(cfg.output, "shards")
+    storage.makedirs(shards_dir)
+    ds = ds.materialize()
+    counts = shard_counts(ds.count(), cfg.shards)
+    summary = (ds.map_batches(assign_shards, fn_kwargs={"cfg": cfg.shards, "counts": counts},
+                              batch_format="pyarrow")
+               .groupby(SHARD)
+               .map_groups(ShardWriter(shards_dir, storage), batch_format="pyarrow")
+               .to_pandas())
+    manifest = write_manifest(shards_dir, storage)
+    return {"written": int((summary["status"] == "written").sum()),
+            "skipped": int((summary["status"] == "skipped").sum()), "samples": manifest["samples"]}
+
+
+STAGES = ["ingest", "keyword_filter", "url_dedup", "download", "decode", "phash_dedup", "clip_score",
+          "embedding_dedup", "quantile_filter"]
+
+
+def run(cfg: PipelineConfig) -> dict:
+    storage = Storage(cfg.storage)
+    init_ray(cfg)
+    claim_output(cfg, storage)
+    files = list_inputs(cfg.ingest, storage)
+    ds = ray.data.from_items(files, override_num_blocks=len(files))
+    ds = ds.map_batches(IngestFiles(cfg.ingest, cfg.output, storage), batch_size=1, batch_format="pyarrow")
+    ds = metadata_stages(ds, cfg, storage)
+    shards = write_shards(ds, cfg, storage)
+    return build_report(cfg.output, storage, STAGES, join(cfg.output, "shards"), extra={"shard_run": shards})

@@ -1,0 +1,102 @@
+"""The run report: funnel per stage and source, drop reasons, keyword hits, the
+accounting check (input = kept + dropped, per source), throughput per stage.
+Written as `report.json` and `report.png`.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import pyarrow.compute as pc
+
+from rs5m_ray.ledger import read_parquet_dir
+from rs5m_ray.storage import Storage, join
+
+
+def build_report(output: str, storage: Storage, stages: list[str], shards_dir: str,
+                 extra: dict | None = None) -> dict:
+    stats = read_parquet_dir(storage, join(output, "stats"))
+    ledger = read_parquet_dir(storage, join(output, "ledger"))
+    hits = read_parquet_dir(storage, join(output, "keyword_hits"))
+    manifest = json.loads(storage.read_bytes(join(shards_dir, "manifest.json")))
+
+    funnel: dict[str, dict] = {}
+    if stats is not None:
+        for stage in stages:
+            rows = stats.filter(pc.equal(stats["stage"], stage))
+            if len(rows) == 0:
+                continue
+            per_source = rows.group_by("source").aggregate([("rows_in", "sum"), ("rows_out", "sum")])
+            seconds = pc.sum(rows["seconds"]).as_py() or 0.0
+            rows_in = pc.sum(rows["rows_in"]).as_py()
+            funnel[stage] = {
+                "rows_in": rows_in, "rows_out": pc.sum(rows["rows_out"]).as_py(),
+                "task_seconds": round(seconds, 3),
+                "rows_per_task_second": round(rows_in / seconds, 1) if seconds else None,
+                "by_source": {r["source"]: {"in": r["rows_in_sum"], "out": r["rows_out_sum"]}
+                              for r in per_source.to_pylist()},
+            }
+
+    drop_reasons: dict[str, int] = defaultdict(int)
+    dropped_by_source: dict[str, int] = defaultdict(int)
+    if ledger is not None:
+        for r in ledger.group_by(["stage", "drop_reason"]).aggregate([([], "count_all")]).to_pylist():
+            key = r["drop_reason"].split(":", 1)[0]
+            drop_reasons[f"{r['stage']}/{key}"] += r["count_all"]
+        for r in ledger.group_by("source").aggregate([([], "count_all")]).to_pylist():
+            dropped_by_source[r["source"]] = r["count_all"]
+
+    kept_by_source: dict[str, int] = defaultdict(int)
+    for shard in manifest["shards"]:
+        for source, n in shard["sources"].items():
+            kept_by_source[source] += n
+
+    input_by_source = {s: v["in"] for s, v in funnel.get("ingest", {}).get("by_source", {}).items()}
+    accounting = {}
+    for source in sorted(set(input_by_source) | set(kept_by_source) | set(dropped_by_source)):
+        n_in, kept, gone = input_by_source.get(source, 0), kept_by_source.get(source, 0), dropped_by_source.get(source, 0)
+        accounting[source] = {"input": n_in, "kept": kept, "dropped": gone, "balanced": n_in == kept + gone}
+
+    keyword_counts: dict[str, int] = defaultdict(int)
+    if hits is not None:
+        for r in hits.group_by("keyword").aggregate([("count", "sum")]).to_pylist():
+            keyword_counts[r["keyword"]] = r["count_sum"]
+
+    errors = [json.loads(storage.read_bytes(p)) for p in storage.glob(join(output, "errors", "**", "*.json"))]
+    report = {
+        "funnel": funnel,
+        "drop_reasons": dict(sorted(drop_reasons.items())),
+        "keyword_hits": dict(sorted(keyword_counts.items(), key=lambda kv: -kv[1])),
+        "accounting": accounting,
+        "accounting_balanced": all(a["balanced"] for a in accounting.values()),
+        "unreadable_files": errors,
+        "shards": {"count": len(manifest["shards"]), "samples": manifest["samples"], "dir": shards_dir},
+        **(extra or {}),
+    }
+    storage.write_atomic(join(output, "report.json"), json.dumps(report, indent=1).encode())
+    storage.write_atomic(join(output, "report.png"), _plot(report))
+    return report
+
+
+def _plot(report: dict) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    stages = list(report["funnel"])
+    ax1.bar(stages, [report["funnel"][s]["rows_out"] for s in stages], color="#4a7ab5")
+    ax1.set_yscale("log")
+    ax1.set_title("rows kept after each stage")
+    ax1.tick_params(axis="x", rotation=45)
+    kw = list(report["keyword_hits"].items())[:20]
+    ax2.barh([k for k, _ in kw][::-1], [v for _, v in kw][::-1], color="#6a9f58")
+    ax2.set_title("keyword hits (cf. RS5M Fig. 3)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()

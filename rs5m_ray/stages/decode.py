@@ -1,0 +1,166 @@
+"""Decode and validate stage: every image is opened safely, normalised to RGB and re-encoded.
+
+`DecodeStage(cfg)` maps a batch with `image_bytes` to the same rows with `jpg`,
+`width`, `height` (of `jpg`), `orig_width`, `orig_height` (as displayed, after
+EXIF orientation, before resizing), `orig_format`, `sha256` (of the downloaded
+bytes) and `phash`; `image_bytes` is not carried further. Images that cannot be
+used are dropped as `decode_error:<why>`: zero_bytes, not_an_image, too_many_pixels,
+truncated, corrupt, unsupported_mode. This is RS5M's "cannot be opened or have a
+zero file size" removal, made explicit.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+from rs5m_ray.config import DecodeConfig
+from rs5m_ray.ledger import mark_dropped
+from rs5m_ray.stages.download import IMAGE_BYTES
+from rs5m_ray.stages.phash import compute_phash
+
+RESIZE_MODES = ("keep", "max_side", "shortest_side")
+OUTPUT_SCHEMA = pa.schema([
+    ("jpg", pa.binary()), ("width", pa.int32()), ("height", pa.int32()),
+    ("orig_width", pa.int32()), ("orig_height", pa.int32()), ("orig_format", pa.string()),
+    ("sha256", pa.string()), ("phash", pa.int64()),
+])
+# Raster formats only: no EPS (Pillow would run Ghostscript on it) and no
+# magic-less formats such as TGA that would claim arbitrary bytes.
+Image.init()
+SAFE_FORMATS = [f for f in ("JPEG", "PNG", "GIF", "WEBP", "BMP", "DIB", "TIFF", "MPO", "ICO",
+                            "PPM", "JPEG2000", "AVIF", "HEIF") if f in Image.OPEN]
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+WHITE = (255, 255, 255)
+# We enforce cfg.max_pixels ourselves; Pillow's own warning below its hard limit is noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+class DecodeFailure(Exception):
+    def __init__(self, why: str, detail: str = ""):
+        super().__init__(why, detail)
+        self.why, self.detail = why, detail
+
+
+class DecodeStage:
+    """Callable stage: `image_bytes` -> validated RGB JPEG and its metadata."""
+
+    def __init__(self, cfg: DecodeConfig):
+        if cfg.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {cfg.resize_mode!r}")
+        self.cfg = cfg
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        rows, reasons, details = [], [], []
+        for data in table[IMAGE_BYTES].to_pylist():
+            try:
+                rows.append(decode_image(data, self.cfg))
+                reasons.append(None)
+                details.append(None)
+            except DecodeFailure as f:
+                rows.append({})
+                reasons.append(f"decode_error:{f.why}")
+                details.append(f.detail or None)
+        out = table.drop_columns([IMAGE_BYTES] + [c for c in OUTPUT_SCHEMA.names if c in table.column_names])
+        for field in OUTPUT_SCHEMA:
+            out = out.append_column(field, pa.array([r.get(field.name) for r in rows], field.type))
+        reason_arr = pa.array(reasons, pa.string())
+        return mark_dropped(out, pc.is_valid(reason_arr), reason_arr, pa.array(details, pa.string()))
+
+
+def decode_image(data: bytes | None, cfg: DecodeConfig) -> dict:
+    """Validate and normalise one image; raises DecodeFailure with the reason."""
+    if not data:
+        raise DecodeFailure("zero_bytes")
+    try:
+        img = Image.open(io.BytesIO(data), formats=SAFE_FORMATS)
+    except Image.DecompressionBombError as e:
+        raise DecodeFailure("too_many_pixels", str(e)[:200]) from None
+    except UnidentifiedImageError:
+        raise DecodeFailure("not_an_image", f"{len(data)} bytes starting {data[:8]!r}") from None
+    except Exception as e:  # plugins raise SyntaxError, struct.error, ... on mangled headers
+        raise DecodeFailure("corrupt", f"{type(e).__name__}: {e}"[:200]) from None
+    with img:
+        width, height = img.size
+        if width < 1 or height < 1:
+            raise DecodeFailure("zero_bytes", f"{width}x{height} pixels")
+        if width * height > cfg.max_pixels:
+            raise DecodeFailure("too_many_pixels", f"{width}x{height} > {cfg.max_pixels}")
+        orientation = _orientation(img)
+        target = target_size(width, height, cfg)
+        if target != (width, height) and img.format == "JPEG":
+            img.draft(img.mode, target)  # decode at 1/2, 1/4 or 1/8 scale when that is still big enough
+        try:
+            img.load()  # first frame of multi-frame files
+        except Exception as e:
+            why = "truncated" if "truncated" in str(e) else "corrupt"
+            raise DecodeFailure(why, f"{type(e).__name__}: {e}"[:200]) from None
+        if orientation != 1:
+            try:
+                ImageOps.exif_transpose(img, in_place=True)
+            except Exception:  # an unreadable EXIF block leaves the image as stored
+                orientation = 1
+        if orientation in (5, 6, 7, 8):
+            width, height = height, width
+            target = target[::-1]
+        rgb = to_rgb(img)
+        if rgb.size != target:
+            rgb = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        buf = io.BytesIO()
+        rgb.save(buf, "JPEG", quality=cfg.reencode_quality)
+        return {
+            "jpg": buf.getvalue(), "width": rgb.width, "height": rgb.height,
+            "orig_width": width, "orig_height": height, "orig_format": img.format,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "phash": compute_phash(rgb, cfg.phash_method) if cfg.phash else None,
+        }
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        value = img.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:
+        return 1
+    return value if value in range(1, 9) else 1
+
+
+def target_size(width: int, height: int, cfg: DecodeConfig) -> tuple[int, int]:
+    """Output size under the resize policy; images are only ever shrunk."""
+    if cfg.resize_mode == "keep":
+        return width, height
+    side = max(width, height) if cfg.resize_mode == "max_side" else min(width, height)
+    if side <= cfg.resize_size:
+        return width, height
+    scale = cfg.resize_size / side
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode: alpha composited on white, 16-bit and float scaled down."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8)).convert("RGB")
+    if img.mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = float(arr.max()) if arr.size else 0.0
+        scale = 255.0 if img.mode == "F" and peak <= 1.0 else (255.0 / 65535 if peak > 255 else 1.0)
+        if peak > 65535:
+            scale = 255.0 / peak
+        return Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, WHITE)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    try:
+        return img.convert("RGB")
+    except ValueError as e:
+        raise DecodeFailure("unsupported_mode", f"{img.mode}: {e}") from None

@@ -1,0 +1,137 @@
+"""Duplicate clusters -> one kept row per cluster -> drop marks on the main stream.
+
+Both near-dup joins (pHash, embeddings) emit *edge rows*: one row per directed edge,
+carrying the metadata of its first endpoint (`sample_id, source, quality,
+from_index, value`) and the `peer` sample_id and `score` (Hamming distance or
+cosine similarity). Only rows that have a near duplicate appear there, so the
+cluster resolution below runs in one Ray task over the edge list, never over all
+rows. Scaling assumption: duplicate edges fit one worker's memory (about 100 bytes
+each, so ~10^8 edges on a 16 GB worker); the number of rows does not matter.
+
+Keep rule per cluster, first criterion first:
+1. rows already in the persistent dedup index (`from_index`) win: old data stays;
+2. source rank: `keep_priority` in order, then unlisted sources, then `drop_first`
+   (RS5M: drop LAION-COCO members first, prefer laion2b, laion400m, coyo700m);
+3. highest `quality` (e.g. clip_score) when a quality column is configured;
+4. a seeded pseudo-random pick: smallest keyed hash of the sample_id, so the
+   choice depends on the seed and the cluster's members only.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from rs5m_ray.config import NearDupConfig
+from rs5m_ray.ledger import Accounted, mark_dropped
+from rs5m_ray.storage import Storage
+
+EDGE_SCHEMA_BASE = [("sample_id", pa.string()), ("source", pa.string()), ("quality", pa.float64()),
+                    ("from_index", pa.bool_()), ("peer", pa.string()), ("score", pa.float64())]
+DROPS_SCHEMA = pa.schema([("sample_id", pa.string()), ("drop_reason", pa.string()), ("drop_detail", pa.string())])
+
+
+def source_rank(sources: np.ndarray, keep_priority: list[str], drop_first: list[str]) -> np.ndarray:
+    """0.. for `keep_priority` in order, then unlisted sources, then `drop_first` in order."""
+    ranks = {s: i for i, s in enumerate(keep_priority)}
+    unlisted = len(keep_priority)
+    ranks.update({s: unlisted + 1 + i for i, s in enumerate(drop_first)})
+    return np.array([ranks.get(s, unlisted) for s in sources], dtype=np.int64)
+
+
+def seeded_order(sample_ids, seed: int) -> np.ndarray:
+    """A per-row pseudo-random uint64, fixed by the seed and the sample_id."""
+    key = str(seed).encode()
+    return np.array([int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8, key=key).digest(), "little")
+                     for s in sample_ids], dtype=np.uint64)
+
+
+def choose_keepers(members: pa.Table, cluster: np.ndarray, cfg: NearDupConfig) -> np.ndarray:
+    """For each member row, the index of its cluster's kept row (per the keep rule above)."""
+    sources = members["source"].to_numpy(zero_copy_only=False)
+    quality = pc.fill_null(members["quality"], -np.inf).to_numpy(zero_copy_only=False)
+    from_index = members["from_index"].to_numpy(zero_copy_only=False).astype(bool)
+    order = np.lexsort((seeded_order(members["sample_id"].to_pylist(), cfg.seed), -quality,
+                        source_rank(sources, cfg.keep_priority, cfg.drop_first), ~from_index, cluster))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = cluster[order][1:] != cluster[order][:-1]
+    keeper_of_cluster = np.empty(cluster.max() + 1 if len(cluster) else 0, dtype=np.int64)
+    keeper_of_cluster[cluster[order][first]] = order[first]
+    return keeper_of_cluster[cluster]
+
+
+def clusters(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Connected-component label of each of `n` vertices given undirected edges a-b."""
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def resolve_drops(cfg: NearDupConfig, metric: str, *edge_tables: pa.Table) -> pa.Table:
+    """Edge rows -> the drop marks (sample_id, drop_reason, drop_detail) of the new rows to remove.
+
+    `metric` is "hamming" (value = int64 pHash) or "cosine" (value = unit embedding).
+    """
+    edges = pa.concat_tables([t for t in edge_tables if len(t)], promote_options="permissive") \
+        if any(len(t) for t in edge_tables) else None
+    if edges is None:
+        return DROPS_SCHEMA.empty_table()
+    ids = pc.unique(edges["sample_id"])
+    first_row = pc.index_in(ids, edges["sample_id"]).to_numpy()
+    members = edges.take(first_row)
+    a = pc.index_in(edges["sample_id"], ids).to_numpy()
+    b = pc.index_in(edges["peer"], ids)
+    if b.null_count:
+        raise RuntimeError("an edge points to a row that emitted no edge rows")
+    b = b.to_numpy()
+    cluster = clusters(len(ids), a, b)
+    keeper = choose_keepers(members, cluster, cfg)
+    from_index = members["from_index"].to_numpy(zero_copy_only=False).astype(bool)
+    drop = (keeper != np.arange(len(ids))) & ~from_index
+    who, kept_by = np.nonzero(drop)[0], keeper[drop]
+    detail = _distance_detail(members["value"], who, kept_by, metric)
+    kept_ids = pc.take(members["sample_id"], pa.array(kept_by))
+    return pa.table({
+        "sample_id": pc.take(members["sample_id"], pa.array(who)),
+        "drop_reason": pc.binary_join_element_wise("near_dup_of:", kept_ids, ""),
+        "drop_detail": pa.array(detail, pa.string()),
+    }, schema=DROPS_SCHEMA)
+
+
+def _distance_detail(values: pa.ChunkedArray, who: np.ndarray, kept_by: np.ndarray, metric: str) -> list[str]:
+    if metric == "hamming":
+        from rs5m_ray.stages.phash import hamming
+
+        h = values.to_numpy()
+        return [f"hamming={d}" for d in hamming(h[who], h[kept_by])]
+    emb = np.asarray(values.combine_chunks().flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+    emb = emb.reshape(len(values), -1)
+    sims = np.einsum("ij,ij->i", emb[who], emb[kept_by])
+    return [f"cosine={s:.4f}" for s in sims]
+
+
+class MarkNearDups:
+    """Stage: mark the rows named in a drops table (an ObjectRef resolved once per worker)."""
+
+    def __init__(self, drops: ray.ObjectRef | pa.Table):
+        self._drops = drops
+
+    def drops(self) -> pa.Table:
+        if isinstance(self._drops, ray.ObjectRef):
+            self._drops = ray.get(self._drops)
+        return self._drops
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        drops = self.drops()
+        where = pc.index_in(batch["sample_id"], drops["sample_id"])
+        return mark_dropped(batch, pc.is_valid(where), pc.take(drops["drop_reason"], where),
+                            pc.take(drops["drop_detail"], where))
+
+
+def apply_drops(ds, drops_ref: ray.ObjectRef, stage_name: str, output: str, storage: Storage):
+    """The main stream without the dropped rows, which go to the ledger with exact per-source counts."""
+    return ds.map_batches(Accounted(stage_name, output, storage, MarkNearDups(drops_ref)), batch_format="pyarrow")
