@@ -100,14 +100,27 @@ class DecodeConfig:
 
 @dataclass
 class NearDupConfig:
+    """pHash and embedding near-dup dedup (rs5m_ray.stages.near_dup / embedding_dedup)."""
+
     phash_enabled: bool = True
+    phash_method: str = "phash"  # phash | dhash | whash (computed in the decode pass)
     hamming_radius: int = 4
+    phash_bands: int = 6  # > hamming_radius; rows agree on >= bands - radius bands
+    num_partitions: int = 16  # shuffle partitions of both joins
     embedding_enabled: bool = True
     cosine_threshold: float = 0.95
     k: int = 5
+    embedding_buckets: int = 16  # k-means centroids that partition the embedding join
+    embedding_assignments: int = 2  # nearest centroids each row joins (cuts boundary misses)
+    kmeans_sample_rows: int = 20_000
+    kmeans_iterations: int = 10
     keep_priority: list[str] = field(default_factory=lambda: ["laion2b", "laion400m", "coyo700m"])
     drop_first: list[str] = field(default_factory=lambda: ["laioncoco"])
-    index_path: str | None = None
+    phash_quality_column: str | None = None  # e.g. a column known at pHash time; highest kept
+    embedding_quality_column: str | None = None  # e.g. "clip_score"; highest kept
+    seed: int = 2023
+    index_path: str | None = None  # persistent dedup index (local or s3://); None = off
+    run_id: str | None = None  # index parts of this run are ignored on reruns; None = from output path
 
 
 @dataclass

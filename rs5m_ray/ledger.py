@@ -35,18 +35,18 @@ def mark_dropped(table: pa.Table, mask: pa.Array, reason: str | pa.Array, detail
     """Set drop_reason (and detail) where `mask` is true and the row is not dropped yet."""
     table = ensure_drop_columns(table)
     live = pc.and_(pc.fill_null(mask, False), pc.is_null(table[DROP_REASON]))
-    reason_arr = _as_array(reason, len(table))
-    detail_arr = _as_array(detail, len(table))
+    reason_arr = _as_string(reason)
+    detail_arr = _as_string(detail)
     new_reason = pc.if_else(live, reason_arr, table[DROP_REASON])
     new_detail = pc.if_else(live, detail_arr, table[DROP_DETAIL])
     table = table.set_column(table.schema.get_field_index(DROP_REASON), DROP_REASON, new_reason)
     return table.set_column(table.schema.get_field_index(DROP_DETAIL), DROP_DETAIL, new_detail)
 
 
-def _as_array(value: Any, n: int) -> pa.Array:
+def _as_string(value: Any) -> pa.Array | pa.Scalar:
     if isinstance(value, (pa.Array, pa.ChunkedArray)):
         return pc.cast(value, pa.string())
-    return pa.array([value] * n, pa.string()) if value is not None else pa.nulls(n, pa.string())
+    return pa.scalar(value, pa.string())
 
 
 def ensure_drop_columns(table: pa.Table) -> pa.Table:

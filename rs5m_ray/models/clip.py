@@ -79,9 +79,9 @@ class ClipModel:
         return self.model.encode_image(x, normalize=True)
 
     @torch.inference_mode()
-    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+    def encode_texts(self, texts: list[str], normalize: bool = True) -> torch.Tensor:
         tokens = self.tokenizer(texts).to(self.device)
-        return self.model.encode_text(tokens, normalize=True).float().cpu()
+        return self.model.encode_text(tokens, normalize=normalize).float().cpu()
 
 
 def load_clip(cfg: ScoringConfig, storage: Storage | None = None) -> ClipModel:

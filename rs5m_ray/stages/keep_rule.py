@@ -19,6 +19,7 @@ Keep rule per cluster, first criterion first:
 from __future__ import annotations
 
 import hashlib
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -29,11 +30,26 @@ from scipy.sparse.csgraph import connected_components
 
 from rs5m_ray.config import NearDupConfig
 from rs5m_ray.ledger import Accounted, mark_dropped
+from rs5m_ray.stages.phash import hamming
 from rs5m_ray.storage import Storage
 
-EDGE_SCHEMA_BASE = [("sample_id", pa.string()), ("source", pa.string()), ("quality", pa.float64()),
-                    ("from_index", pa.bool_()), ("peer", pa.string()), ("score", pa.float64())]
 DROPS_SCHEMA = pa.schema([("sample_id", pa.string()), ("drop_reason", pa.string()), ("drop_detail", pa.string())])
+
+
+def member_rows(batch: pa.Table, value_column: str, quality_column: str | None, from_index: bool) -> pa.Table:
+    """The light rows a near-dup join shuffles: sample_id, source, quality, from_index, value.
+
+    Rows without a value (no hash / no embedding) take no part: they are kept.
+    """
+    missing = [c for c in ("sample_id", "source", value_column, quality_column) if c and c not in batch.column_names]
+    if missing:
+        raise ValueError(f"near-dup input lacks column(s) {missing}; has {batch.column_names}")
+    batch = batch.filter(pc.is_valid(batch[value_column]))
+    n = len(batch)
+    quality = pc.cast(batch[quality_column], pa.float64()) if quality_column else pa.nulls(n, pa.float64())
+    return pa.table({"sample_id": pc.cast(batch["sample_id"], pa.string()), "source": pc.cast(batch["source"], pa.string()),
+                     "quality": quality, "from_index": pa.array(np.full(n, from_index)),
+                     "value": batch[value_column]})
 
 
 def source_rank(sources: np.ndarray, keep_priority: list[str], drop_first: list[str]) -> np.ndarray:
@@ -104,8 +120,6 @@ def resolve_drops(cfg: NearDupConfig, metric: str, *edge_tables: pa.Table) -> pa
 
 def _distance_detail(values: pa.ChunkedArray, who: np.ndarray, kept_by: np.ndarray, metric: str) -> list[str]:
     if metric == "hamming":
-        from rs5m_ray.stages.phash import hamming
-
         h = values.to_numpy()
         return [f"hamming={d}" for d in hamming(h[who], h[kept_by])]
     emb = np.asarray(values.combine_chunks().flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
@@ -132,6 +146,21 @@ class MarkNearDups:
                             pc.take(drops["drop_detail"], where))
 
 
-def apply_drops(ds, drops_ref: ray.ObjectRef, stage_name: str, output: str, storage: Storage):
-    """The main stream without the dropped rows, which go to the ledger with exact per-source counts."""
-    return ds.map_batches(Accounted(stage_name, output, storage, MarkNearDups(drops_ref)), batch_format="pyarrow")
+def run_near_dup(ds, value_column: str, quality_column: str | None, find_drops: Callable, output: str,
+                 storage: Storage, index, stage_name: str):
+    """Shared frame of both joins: member rows (+ index rows) -> `find_drops` -> marked, ledgered stream.
+
+    `find_drops(keys)` returns an ObjectRef of the drops table. `index` (a DedupIndex
+    or None) adds earlier runs' values and receives this run's kept values.
+    """
+    ds = ds.materialize()  # read twice (join, then marking): never rerun upstream stages
+    keys = ds.map_batches(member_rows, fn_kwargs={"value_column": value_column, "quality_column": quality_column,
+                                                  "from_index": False}, batch_format="pyarrow")
+    old = index.read(value_column) if index is not None else None
+    if old is not None:
+        keys = keys.union(old.map_batches(member_rows, fn_kwargs={"value_column": value_column,
+                                                                  "quality_column": None, "from_index": True},
+                                          batch_format="pyarrow"))
+    marker = Accounted(stage_name, output, storage, MarkNearDups(find_drops(keys)))
+    kept = ds.map_batches(marker, batch_format="pyarrow")
+    return index.append(kept, value_column) if index is not None else kept

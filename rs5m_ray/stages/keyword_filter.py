@@ -50,8 +50,8 @@ def caption_hits(captions: pa.Array, keywords) -> pa.Array:
 
 def which_keywords(captions: pa.Array, keywords) -> pa.Array:
     """For each caption, the '|'-joined keywords it contains. Runs on the hits only (rare)."""
-    return pa.array(["|".join(k for k in keywords if k in (c or "").lower()) for c in captions.to_pylist()],
-                    pa.string())
+    lowered = pc.utf8_lower(pc.fill_null(captions, "")).to_pylist()
+    return pa.array(["|".join([k for k in keywords if k in c]) for c in lowered], pa.string())
 
 
 class KeywordFilter:

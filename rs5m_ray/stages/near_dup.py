@@ -21,6 +21,7 @@ re-compared. Connected components and the keep rule then run on the edges only
 """
 from __future__ import annotations
 
+from functools import partial
 from itertools import combinations
 
 import numpy as np
@@ -29,7 +30,7 @@ import ray
 import ray.data
 
 from rs5m_ray.config import NearDupConfig
-from rs5m_ray.stages.keep_rule import apply_drops, member_rows, resolve_drops
+from rs5m_ray.stages.keep_rule import resolve_drops, run_near_dup
 from rs5m_ray.stages.phash import as_unsigned
 from rs5m_ray.storage import Storage
 
@@ -37,7 +38,7 @@ COMBO = "nd_combo"
 BUCKET = "nd_bucket"
 PHASH = "phash"
 # Candidate pairs verified per numpy step: bounds memory on large key runs.
-PAIR_BUDGET = 1 << 22
+PAIR_BUDGET = 1 << 21
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX = np.uint64(0xBF58476D1CE4E5B9)
 
@@ -135,16 +136,20 @@ def phash_edges(group: pa.Table, masks: np.ndarray, radius: int) -> pa.Table:
     return out.append_column("score", pa.array(np.concatenate([dist, dist]).astype(np.float64)))
 
 
-def phash_drops(keys: ray.data.Dataset, cfg: NearDupConfig) -> ray.ObjectRef:
-    """Member rows -> ObjectRef of the drop marks, computed without any driver-side table."""
+def phash_edge_rows(keys: ray.data.Dataset, cfg: NearDupConfig) -> ray.data.Dataset:
+    """Member rows -> edge rows of all pairs within the radius, by a hash-partitioned shuffle."""
     masks = combo_masks(cfg.phash_bands, cfg.hamming_radius)
     parts = cfg.num_partitions
-    edges = (keys.map_batches(explode_bands, fn_kwargs={"masks": masks, "num_partitions": parts},
-                              batch_format="pyarrow")
-             .groupby(BUCKET, num_partitions=parts)
-             .map_groups(phash_edges, fn_kwargs={"masks": masks, "radius": cfg.hamming_radius},
-                         batch_format="pyarrow"))
-    return ray.remote(resolve_drops).remote(cfg, "hamming", *edges.to_arrow_refs())
+    return (keys.map_batches(explode_bands, fn_kwargs={"masks": masks, "num_partitions": parts},
+                             batch_format="pyarrow")
+            .groupby(BUCKET, num_partitions=parts)
+            .map_groups(phash_edges, fn_kwargs={"masks": masks, "radius": cfg.hamming_radius},
+                        batch_format="pyarrow"))
+
+
+def phash_drops(keys: ray.data.Dataset, cfg: NearDupConfig) -> ray.ObjectRef:
+    """Member rows -> ObjectRef of the drop marks, computed without any driver-side table."""
+    return ray.remote(resolve_drops).remote(cfg, "hamming", *phash_edge_rows(keys, cfg).to_arrow_refs())
 
 
 def apply_phash_dedup(ds: ray.data.Dataset, cfg: NearDupConfig, output: str, storage: Storage,
@@ -154,13 +159,5 @@ def apply_phash_dedup(ds: ray.data.Dataset, cfg: NearDupConfig, output: str, sto
     `index` (a `DedupIndex`) adds the hashes of earlier runs, which always win, and
     receives the hashes of this run's kept rows as they stream out.
     """
-    ds = ds.materialize()  # read twice (hash join, then marking): never rerun upstream stages
-    keys = ds.map_batches(member_rows, fn_kwargs={"value_column": PHASH, "quality_column": cfg.phash_quality_column,
-                                                  "from_index": False}, batch_format="pyarrow")
-    if index is not None:
-        old = index.read(PHASH)
-        if old is not None:
-            keys = keys.union(old.map_batches(member_rows, fn_kwargs={"value_column": PHASH, "quality_column": None,
-                                                                      "from_index": True}, batch_format="pyarrow"))
-    kept = apply_drops(ds, phash_drops(keys, cfg), stage_name, output, storage)
-    return index.append(kept, PHASH) if index is not None else kept
+    return run_near_dup(ds, PHASH, cfg.phash_quality_column, partial(phash_drops, cfg=cfg), output, storage,
+                        index, stage_name)
