@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from rs5m_ray.shards.layout import sample_members, shard_name, tar_bytes
-from rs5m_ray.shards.reader import ShardReader, expand_urls, make_loader, normalize
+from rs5m_ray.shards.reader import ShardReader, expand_urls, make_loader, normalize, preprocess, preprocess_batch
 from rs5m_ray.storage import Storage, join
 
 _spec = importlib.util.spec_from_file_location(
@@ -55,8 +55,8 @@ def keys(loader) -> list[str]:
 
 def test_same_tensors_as_reference_within_tolerance(tmp_path):
     rng = random.Random(7)
-    sizes = [bench.pub11_size(rng) for _ in range(10)] + [(1800, 1300), (2400, 700), (260, 1500), (120, 120),
-                                                          (100, 80), (224, 224), (449, 300)]
+    sizes = [bench.pub11_size(rng) for _ in range(6)] + [(1800, 1300), (260, 1500), (120, 120), (100, 80),
+                                                         (224, 224), (449, 300)]
     images = [bench.synthetic_jpeg(i, s) for i, s in enumerate(sizes)]
     gray = io.BytesIO()
     Image.open(io.BytesIO(images[0])).convert("L").save(gray, "JPEG")
@@ -78,8 +78,8 @@ def test_same_tensors_as_reference_within_tolerance(tmp_path):
     f = bench.fidelity(images)  # what the benchmark reports, embedding effect included
     assert f["max_levels"] == pytest.approx(levels.max().item(), abs=1e-3)
     assert f["min_cosine"] >= MIN_COSINE
-    exact = bench.fidelity(images, draft_margin=None)  # full decode: only rounding differs
-    assert exact["max_levels"] <= 2.0
+    exact = bench.fidelity(images, draft_margin=None)  # full decode: only fixed-point rounding differs
+    assert exact["max_levels"] <= 3.0 + 1e-3 and exact["mean_levels"] <= 0.05
 
 
 def test_normalize_is_totensor_plus_normalize():
@@ -133,6 +133,14 @@ def test_corrupt_samples_and_shards_are_skipped_and_counted(tmp_path, caplog):
     assert reader.stats.skipped == expected
     assert sum((Counter(b["skipped"]) for b in batches), Counter()) == expected  # what workers report
     assert "truncated" in caplog.text and "garbage" in caplog.text
+
+
+def test_preprocess_batch_reports_errors_per_image():
+    good = tiny_jpeg(1)
+    images, errors = preprocess_batch([good, b"junk", good[:50]], size=32)
+    assert images.shape == (3, 3, 32, 32) and torch.equal(images[0], preprocess(good, 32))
+    assert errors[0] is None and errors[1].startswith("UnidentifiedImageError") and errors[2]
+    assert not images[1].any()
 
 
 def test_reads_s3_shards_through_workers(s3_bucket):

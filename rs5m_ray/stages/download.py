@@ -138,6 +138,8 @@ class DownloadStage:
 
     def _open(self) -> None:
         cfg = self.cfg
+        self._leases = connect_host_leases(cfg, self.host_limits)
+        self._slots = asyncio.Semaphore(cfg.concurrency_per_task)
         connector = aiohttp.TCPConnector(
             limit=cfg.concurrency_per_task, limit_per_host=0, ttl_dns_cache=300,
             resolver=None if cfg.allow_private_addresses else PublicOnlyResolver())
@@ -147,8 +149,6 @@ class DownloadStage:
             timeout=aiohttp.ClientTimeout(total=cfg.timeout_s, sock_connect=cfg.connect_timeout_s,
                                           sock_read=cfg.read_timeout_s))
         weakref.finalize(self, _close_soon, self._session)
-        self._leases = connect_host_leases(cfg, self.host_limits)
-        self._slots = asyncio.Semaphore(cfg.concurrency_per_task)
 
     # -- per row ---------------------------------------------------------------------
     async def _fetch(self, url: str | None) -> tuple[bytes | None, str | None, str | None]:

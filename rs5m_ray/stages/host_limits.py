@@ -4,8 +4,8 @@ A `LeaseBook` keeps, for every host (the URL's host:port), the number of request
 in flight (capped) and a token bucket (rate limit). A request needs one lease and
 hands it back when done. Under Ray one named async actor per job owns the book;
 each worker's `HostLeases` client asks it for as many leases as it has requests
-waiting for a host, in one call, and returns finished leases with its next call,
-so the actor sees about one call per burst rather than one per request. Outside
+waiting for a host, in one call, and hands back the leases that finish in the
+same event-loop turn together, so the actor sees calls per burst, not per request. Outside
 Ray (or when no actor name is given) the same client talks to an in-process book.
 """
 from __future__ import annotations
@@ -164,12 +164,15 @@ class HostLeases:
             self._return_idle(host)
 
     def _return_idle(self, host: str) -> None:
+        """Hand back finished leases now (the book may be waiting for them), unused ones too when idle."""
         self._flush_scheduled.discard(host)
         st = self._hosts.get(host)
-        if st is None or st.calling or any(not f.done() for f in st.waiters):
+        if st is None:
             return
-        n = st.finished + st.granted
-        del self._hosts[host]
+        n, st.finished = st.finished, 0
+        if not st.calling and not any(not f.done() for f in st.waiters):
+            n += st.granted
+            del self._hosts[host]
         if n:
             result = self._release_fn(host, n)
             if result is not None:
@@ -190,16 +193,28 @@ def actor_name_for_job() -> str:
 def start_host_limits(cfg: DownloadConfig, name: str | None = None) -> str:
     """Start (or find) the job's host-limits actor from the driver; returns its name.
 
-    The actor is owned by the driver, so it ends with the job. Pass the name to
-    the download stage (`DownloadStage(..., host_limits=name)`).
+    The actor is owned by the driver, so it ends with the job at the latest. Pass
+    the name to the download stage (`DownloadStage(..., host_limits=name)`).
     """
     import ray
 
     name = name or actor_name_for_job()
-    ray.remote(HostLimitsActor).options(
+    # Ray collects an unreferenced actor even when it is named: the driver keeps a handle.
+    _DRIVER_HANDLES[name] = ray.remote(HostLimitsActor).options(
         name=name, get_if_exists=True, num_cpus=0, max_concurrency=10_000,
     ).remote(cfg.max_per_host, cfg.host_requests_per_s, cfg.host_burst)
     return name
+
+
+def stop_host_limits(name: str) -> None:
+    import ray
+
+    handle = _DRIVER_HANDLES.pop(name, None)
+    if handle is not None:
+        ray.kill(handle)
+
+
+_DRIVER_HANDLES: dict = {}
 
 
 def connect_host_leases(cfg: DownloadConfig, actor_name: str | None) -> HostLeases:

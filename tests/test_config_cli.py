@@ -1,0 +1,52 @@
+import subprocess
+import sys
+
+import pytest
+
+from rs5m_ray.cli import build_parser
+from rs5m_ray.config import ConfigError, load_config
+from rs5m_ray.jobs import load_job_spec
+
+
+def test_yaml_config_with_sections(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("output: s3://bucket/run1\n"
+                 "ingest:\n  sources:\n    - {name: laion2b, paths: ['s3://meta/laion2b/*.parquet']}\n"
+                 "url_dedup: {num_partitions: 512}\nshards: {samples_per_shard: 20000, val_fraction: 0.05}\n")
+    cfg = load_config(p, overrides={"shards": {"seed": 7}})
+    assert cfg.output == "s3://bucket/run1"
+    assert cfg.ingest.sources[0].name == "laion2b"
+    assert cfg.url_dedup.num_partitions == 512
+    assert (cfg.shards.samples_per_shard, cfg.shards.seed) == (20000, 7)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("url_dedup: {num_partitons: 4}\n", "unknown key"),
+    ("shards: {samples_per_shard: many}\n", "expected int"),
+    ("ingest: {sources: laion2b}\n", "expected a list"),
+])
+def test_config_errors_name_the_key(tmp_path, text, message):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(p)
+
+
+def test_example_configs_in_jobs_load():
+    from pathlib import Path
+
+    jobs = Path(__file__).resolve().parents[1] / "jobs"
+    configs = [p for p in jobs.glob("*.yaml") if not p.name.endswith(".job.yaml")]
+    assert configs
+    for p in configs:
+        load_config(p)
+    for p in jobs.glob("*.job.yaml"):
+        assert load_job_spec(str(p))["entrypoint"].startswith("rs5m ")
+
+
+def test_cli_has_a_subcommand_per_job():
+    out = subprocess.run([sys.executable, "-m", "rs5m_ray.cli", "--help"], capture_output=True, text=True, check=True)
+    for cmd in ("demo", "pub11", "train-detector", "submit"):
+        assert cmd in out.stdout
+    args = build_parser().parse_args(["pub11", "--config", "jobs/pub11-local.yaml"])
+    assert args.config == "jobs/pub11-local.yaml"
