@@ -13,7 +13,7 @@ from rs5m_ray.config import DownloadConfig
 from rs5m_ray.ledger import Accounted, read_parquet_dir
 from rs5m_ray.sample.image_server import ImageServer
 from rs5m_ray.stages.download import DownloadStage, is_public_address, opted_out, parse_retry_after
-from rs5m_ray.stages.host_limits import start_host_limits
+from rs5m_ray.stages.host_limits import start_host_limits, stop_host_limits
 from rs5m_ray.storage import Storage, join
 
 
@@ -182,7 +182,10 @@ def test_per_host_limit_holds_across_ray_workers(ray_cluster):
     cfg = DownloadConfig(**{**FAST, "max_per_host": 3, "timeout_s": 10.0, "read_timeout_s": 5.0})
     with ImageServer(IMAGES, latency_s=0.15) as server:
         name = start_host_limits(cfg)
-        job_wide = run_on_ray_workers(server, cfg, name)
+        try:
+            job_wide = run_on_ray_workers(server, cfg, name)
+        finally:
+            stop_host_limits(name)
         server.reset_stats()
         # Control: per-process limits only, same workers: the cap is exceeded, so the
         # job-wide result above is the actor's doing, not an artefact of the setup.
