@@ -159,6 +159,8 @@ def run_dedup(ray_cluster, rows: pa.Table, output: str, cfg: NearDupConfig | Non
 
 
 def assert_accounting_exact(rows: pa.Table, kept: pa.Table, ledger: pa.Table | None, stats: pa.Table):
+    if len(kept) == 0:  # Ray hands back schema-less empty blocks
+        kept = rows.schema.empty_table()
     gone = ledger["sample_id"].to_pylist() if ledger is not None else []
     assert sorted(kept["sample_id"].to_pylist() + gone) == sorted(rows["sample_id"].to_pylist())
     by_source = stats.group_by("source").aggregate([("rows_in", "sum"), ("rows_out", "sum")]).to_pylist()
