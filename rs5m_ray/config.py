@@ -86,6 +86,11 @@ class DownloadConfig:
     # Safety: only http(s) to public addresses unless switched on.
     allow_private_addresses: bool = False
     allow_storage_sources: bool = False  # s3:// and local paths read through Storage
+    # Ray resources: an actor pool (connections are reused across batches).
+    batch_size: int = 256
+    num_cpus: float = 0.5
+    min_actors: int = 1
+    max_actors: int = 4
 
 
 @dataclass
@@ -94,8 +99,12 @@ class DecodeConfig:
     resize_mode: str = "keep"  # keep | max_side | shortest_side (only ever shrinks)
     resize_size: int = 512
     reencode_quality: int = 95
+    # always | if_needed: keep the original bytes of an RGB JPEG that decoded cleanly
+    # and needs no rotation or resize (no second lossy generation, ~40% less CPU).
+    reencode: str = "always"
     phash: bool = True  # compute the perceptual hash in the same pass
     phash_method: str = "phash"
+    batch_size: int = 256  # rows per Ray task
 
 
 @dataclass
@@ -106,7 +115,8 @@ class NearDupConfig:
     phash_method: str = "phash"  # phash | dhash | whash (computed in the decode pass)
     hamming_radius: int = 4
     phash_bands: int = 6  # > hamming_radius; rows agree on >= bands - radius bands
-    num_partitions: int = 16  # shuffle partitions of both joins
+    num_partitions: int = 16  # shuffle partitions of both joins (at least)
+    partition_rows: int = 1_000_000  # pHash join: more partitions if exploded rows / partition exceed this
     embedding_enabled: bool = True
     cosine_threshold: float = 0.95
     k: int = 5

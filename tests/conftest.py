@@ -40,6 +40,7 @@ def ray_cluster():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # a fresh instance, never another cluster running on this machine
             num_cpus=2,
             object_store_memory=400 * 1024**2,
             include_dashboard=False,

@@ -67,9 +67,9 @@ def test_every_fault_ends_in_output_or_ledger(server, tmp_path):
     server.reset_stats()
     cfg = DownloadConfig(**FAST)
     urls = [server.url(p) for p in FAULTS] + [None, "file:///etc/passwd", "/etc/passwd", "ftp://example.com/a.jpg",
-                                             "http://no-such-host.invalid/a.jpg"]
+                                             "http://no-such-host.invalid/a.jpg", "http://[::1/a.jpg"]
     expected = list(FAULTS.values()) + ["invalid_url", "unsupported_scheme", "unsupported_scheme",
-                                        "unsupported_scheme", "dns_error"]
+                                        "unsupported_scheme", "dns_error", "invalid_url"]
     batch = rows(urls)
     stage = Accounted("download", str(tmp_path), Storage(), DownloadStage, (cfg,))
     start = time.monotonic()
@@ -166,13 +166,12 @@ def test_stage_survives_pickling_and_reuse(server):
 def run_on_ray_workers(server, cfg, host_limits):
     import ray.data
 
-    # Two hosts (127.0.0.1:port and localhost:port), 60 URLs each, spread over 6 blocks.
-    urls = [server.url(f"img/{n}", hostname=h) for h in ("127.0.0.1", "localhost")
-            for n in ["red.jpg", "green.jpg"] * 30]
+    # Two hosts (127.0.0.1:port and localhost:port) interleaved, 120 URLs each, 6 blocks of 40.
+    urls = [server.url(f"img/{n}", hostname=h) for n in ["red.jpg", "green.jpg"] * 60
+            for h in ("127.0.0.1", "localhost")]
+    # A stage instance (not the class) runs as Ray tasks: up to 8 at once at 0.25 CPU each.
     ds = ray.data.from_arrow(rows(urls)).repartition(6).map_batches(
-        DownloadStage, fn_constructor_kwargs={"cfg": cfg, "host_limits": host_limits},
-        batch_format="pyarrow", batch_size=20, num_cpus=0.25,
-        compute=ray.data.ActorPoolStrategy(size=4))
+        DownloadStage(cfg, host_limits=host_limits), batch_format="pyarrow", batch_size=40, num_cpus=0.25)
     out = pa.concat_tables(ray.get(ds.to_arrow_refs()))
     assert len(out) == len(urls) and pc.all(pc.is_null(out["drop_reason"])).as_py()
     return server.stats()["max_in_flight"]
@@ -180,7 +179,7 @@ def run_on_ray_workers(server, cfg, host_limits):
 
 def test_per_host_limit_holds_across_ray_workers(ray_cluster):
     cfg = DownloadConfig(**{**FAST, "max_per_host": 3, "timeout_s": 10.0, "read_timeout_s": 5.0})
-    with ImageServer(IMAGES, latency_s=0.15) as server:
+    with ImageServer(IMAGES, latency_s=0.1) as server:
         name = start_host_limits(cfg)
         try:
             job_wide = run_on_ray_workers(server, cfg, name)

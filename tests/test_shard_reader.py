@@ -23,8 +23,9 @@ _spec = importlib.util.spec_from_file_location(
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
-# The documented tolerance (README / reader docstring): in 8-bit levels of the input.
-MAX_LEVELS, MEAN_LEVELS, MIN_COSINE = 8.0, 0.1, 0.999
+# The documented tolerance (reader docstring), in 8-bit levels of the input; a crop off
+# by one pixel gives image means of several levels.
+MAX_LEVELS, MEAN_LEVELS, IMAGE_MEAN_LEVELS, MIN_COSINE = 64.0, 0.1, 1.0, 0.9999
 
 
 def tiny_jpeg(i: int, size=(40, 32)) -> bytes:
@@ -74,6 +75,7 @@ def test_same_tensors_as_reference_within_tolerance(tmp_path):
     ref = torch.stack([ref_t(Image.open(io.BytesIO(b))) for b in images])
     levels = (ours - ref).abs() * torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1) * 255
     assert levels.max() <= MAX_LEVELS and levels.mean() <= MEAN_LEVELS
+    assert levels.mean(dim=(1, 2, 3)).max() <= IMAGE_MEAN_LEVELS
 
     f = bench.fidelity(images)  # what the benchmark reports, embedding effect included
     assert f["max_levels"] == pytest.approx(levels.max().item(), abs=1e-3)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import ray
 import ray.data
@@ -17,6 +18,9 @@ from rs5m_ray.ledger import Accounted
 from rs5m_ray.report import build_report
 from rs5m_ray.shards.writer import SHARD, ShardWriter, assign_shards, shard_counts, write_manifest
 from rs5m_ray.sources.ingest import IngestFiles, list_inputs
+from rs5m_ray.stages.decode import DecodeStage
+from rs5m_ray.stages.download import DownloadStage
+from rs5m_ray.stages.host_limits import start_host_limits, stop_host_limits
 from rs5m_ray.stages.keyword_filter import KeywordFilter
 from rs5m_ray.stages.url_dedup import BUCKET, add_url_bucket, dedup_urls
 from rs5m_ray.storage import Storage, join
@@ -25,9 +29,10 @@ log = logging.getLogger(__name__)
 
 
 def init_ray(cfg: PipelineConfig) -> None:
+    """Join `ray.address` (or RAY_ADDRESS, as under Ray Jobs); else start a local instance."""
     if ray.is_initialized():
         return
-    ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
+    ray.init(address=cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
              include_dashboard=False, log_to_driver=False)
 
 
@@ -59,6 +64,18 @@ def metadata_stages(ds: ray.data.Dataset, cfg: PipelineConfig, storage: Storage)
     return ds
 
 
+def image_stages(ds: ray.data.Dataset, cfg: PipelineConfig, storage: Storage, host_limits: str | None
+                 ) -> ray.data.Dataset:
+    """Download (actor pool, cluster-wide host limits), then decode/validate (+pHash) as tasks."""
+    out, dl = cfg.output, cfg.download
+    ds = ds.map_batches(Accounted, batch_format="pyarrow", batch_size=dl.batch_size, num_cpus=dl.num_cpus,
+                        compute=ray.data.ActorPoolStrategy(min_size=dl.min_actors, max_size=dl.max_actors),
+                        fn_constructor_kwargs=dict(stage_name="download", output=out, storage=storage,
+                                                   stage=DownloadStage, stage_args=(dl, storage, host_limits)))
+    return ds.map_batches(Accounted("decode", out, storage, DecodeStage(cfg.decode)), batch_format="pyarrow",
+                          batch_size=cfg.decode.batch_size)
+
+
 def write_shards(ds: ray.data.Dataset, cfg: PipelineConfig, storage: Storage) -> dict:
     shards_dir = join(cfg.output, "shards")
     storage.makedirs(shards_dir)
@@ -86,5 +103,10 @@ def run(cfg: PipelineConfig) -> dict:
     ds = ray.data.from_items(files, override_num_blocks=len(files))
     ds = ds.map_batches(IngestFiles(cfg.ingest, cfg.output, storage), batch_size=1, batch_format="pyarrow")
     ds = metadata_stages(ds, cfg, storage)
-    shards = write_shards(ds, cfg, storage)
+    host_limits = start_host_limits(cfg.download)
+    try:
+        ds = image_stages(ds, cfg, storage, host_limits)
+        shards = write_shards(ds, cfg, storage)
+    finally:
+        stop_host_limits(host_limits)
     return build_report(cfg.output, storage, STAGES, join(cfg.output, "shards"), extra={"shard_run": shards})

@@ -59,6 +59,8 @@ def manifest_path(out_dir: str, shard: str) -> str:
 class ShardWriter:
     """map_groups function: one group = all rows of one shard."""
 
+    __name__ = "write_shards"  # Ray names map_groups operators after their function
+
     def __init__(self, out_dir: str, storage: Storage):
         self.out_dir, self.storage = out_dir, storage
 

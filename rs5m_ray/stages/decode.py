@@ -25,6 +25,7 @@ from rs5m_ray.stages.download import IMAGE_BYTES
 from rs5m_ray.stages.phash import compute_phash
 
 RESIZE_MODES = ("keep", "max_side", "shortest_side")
+REENCODE_POLICIES = ("always", "if_needed")
 OUTPUT_SCHEMA = pa.schema([
     ("jpg", pa.binary()), ("width", pa.int32()), ("height", pa.int32()),
     ("orig_width", pa.int32()), ("orig_height", pa.int32()), ("orig_format", pa.string()),
@@ -53,16 +54,21 @@ class DecodeStage:
     def __init__(self, cfg: DecodeConfig):
         if cfg.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {cfg.resize_mode!r}")
+        if cfg.reencode not in REENCODE_POLICIES:
+            raise ValueError(f"reencode must be one of {REENCODE_POLICIES}, got {cfg.reencode!r}")
         self.cfg = cfg
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        if IMAGE_BYTES not in table.column_names:
+            raise ValueError(f"decode needs the {IMAGE_BYTES!r} column (run the download stage first)")
         rows, reasons, details = [], [], []
         for data in table[IMAGE_BYTES].to_pylist():
             try:
                 rows.append(decode_image(data, self.cfg))
                 reasons.append(None)
                 details.append(None)
-            except DecodeFailure as f:
+            except Exception as e:  # includes Pillow failures nobody foresaw: they drop the row, not the batch
+                f = e if isinstance(e, DecodeFailure) else DecodeFailure("corrupt", f"{type(e).__name__}: {e}"[:200])
                 rows.append({})
                 reasons.append(f"decode_error:{f.why}")
                 details.append(f.detail or None)
@@ -98,7 +104,7 @@ def decode_image(data: bytes | None, cfg: DecodeConfig) -> dict:
         try:
             img.load()  # first frame of multi-frame files
         except Exception as e:
-            why = "truncated" if "truncated" in str(e) else "corrupt"
+            why = "truncated" if "truncat" in str(e).lower() or lacks_end_marker(data, img.format) else "corrupt"
             raise DecodeFailure(why, f"{type(e).__name__}: {e}"[:200]) from None
         if orientation != 1:
             try:
@@ -111,14 +117,28 @@ def decode_image(data: bytes | None, cfg: DecodeConfig) -> dict:
         rgb = to_rgb(img)
         if rgb.size != target:
             rgb = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
-        buf = io.BytesIO()
-        rgb.save(buf, "JPEG", quality=cfg.reencode_quality)
+        unchanged = img.format == "JPEG" and img.mode == "RGB" and orientation == 1 and rgb.size == (width, height)
+        if cfg.reencode == "if_needed" and unchanged:
+            jpg = data
+        else:
+            buf = io.BytesIO()
+            rgb.save(buf, "JPEG", quality=cfg.reencode_quality)
+            jpg = buf.getvalue()
         return {
-            "jpg": buf.getvalue(), "width": rgb.width, "height": rgb.height,
+            "jpg": jpg, "width": rgb.width, "height": rgb.height,
             "orig_width": width, "orig_height": height, "orig_format": img.format,
             "sha256": hashlib.sha256(data).hexdigest(),
             "phash": compute_phash(rgb, cfg.phash_method) if cfg.phash else None,
         }
+
+
+END_MARKERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82", "GIF": b";"}
+
+
+def lacks_end_marker(data: bytes, fmt: str | None) -> bool:
+    """True when a format with a closing marker is cut short (Pillow's messages vary)."""
+    marker = END_MARKERS.get(fmt or "")
+    return marker is not None and not data.rstrip(b"\0\r\n ").endswith(marker)
 
 
 def _orientation(img: Image.Image) -> int:

@@ -155,7 +155,10 @@ class DownloadStage:
         try:
             if not url or not url.strip():
                 raise FetchFailure("invalid_url", "empty url")
-            scheme = urlsplit(url).scheme.lower()
+            try:
+                scheme = urlsplit(url).scheme.lower()
+            except ValueError as e:
+                raise FetchFailure("invalid_url", str(e)[:200]) from None
             if scheme not in WEB_SCHEMES:
                 if self.cfg.allow_storage_sources and scheme in STORAGE_SCHEMES:
                     return await self._read_storage(url), None, None

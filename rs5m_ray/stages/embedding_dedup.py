@@ -123,7 +123,12 @@ def embedding_drops(keys: ray.data.Dataset, cfg: NearDupConfig) -> ray.ObjectRef
              .groupby(BUCKET, num_partitions=cfg.num_partitions)
              .map_groups(embedding_edges, fn_kwargs={"k": cfg.k, "threshold": cfg.cosine_threshold},
                          batch_format="pyarrow"))
-    return ray.remote(resolve_drops).remote(cfg, "cosine", *edges.to_arrow_refs())
+    return ray.remote(resolve_drops).remote(cfg, cosine_detail, *edges.to_arrow_refs())
+
+
+def cosine_detail(values: pa.ChunkedArray, who: np.ndarray, kept_by: np.ndarray) -> list[str]:
+    emb = unit_rows(values)
+    return [f"cosine={s:.4f}" for s in np.einsum("ij,ij->i", emb[who], emb[kept_by])]
 
 
 def apply_embedding_dedup(ds: ray.data.Dataset, cfg: NearDupConfig, output: str, storage: Storage,

@@ -5,8 +5,9 @@ carrying the metadata of its first endpoint (`sample_id, source, quality,
 from_index, value`) and the `peer` sample_id and `score` (Hamming distance or
 cosine similarity). Only rows that have a near duplicate appear there, so the
 cluster resolution below runs in one Ray task over the edge list, never over all
-rows. Scaling assumption: duplicate edges fit one worker's memory (about 100 bytes
-each, so ~10^8 edges on a 16 GB worker); the number of rows does not matter.
+rows. Scaling assumption: the duplicate edges fit one worker's memory (~100 bytes
+per pHash edge, so ~10^8 edges on a 16 GB worker; embedding edges also carry the
+embedding); the number of rows does not matter.
 
 Keep rule per cluster, first criterion first:
 1. rows already in the persistent dedup index (`from_index`) win: old data stays;
@@ -30,7 +31,6 @@ from scipy.sparse.csgraph import connected_components
 
 from rs5m_ray.config import NearDupConfig
 from rs5m_ray.ledger import Accounted, mark_dropped
-from rs5m_ray.stages.phash import hamming
 from rs5m_ray.storage import Storage
 
 DROPS_SCHEMA = pa.schema([("sample_id", pa.string()), ("drop_reason", pa.string()), ("drop_detail", pa.string())])
@@ -87,45 +87,32 @@ def clusters(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
-def resolve_drops(cfg: NearDupConfig, metric: str, *edge_tables: pa.Table) -> pa.Table:
+def resolve_drops(cfg: NearDupConfig, distance_detail: Callable, *edge_tables: pa.Table) -> pa.Table:
     """Edge rows -> the drop marks (sample_id, drop_reason, drop_detail) of the new rows to remove.
 
-    `metric` is "hamming" (value = int64 pHash) or "cosine" (value = unit embedding).
+    `distance_detail(values, who, kept_by)` describes how far each removed row `who`
+    lies from its kept row `kept_by` (rows of `values`, the members' value column).
     """
-    edges = pa.concat_tables([t for t in edge_tables if len(t)], promote_options="permissive") \
-        if any(len(t) for t in edge_tables) else None
-    if edges is None:
+    nonempty = [t for t in edge_tables if len(t)]
+    if not nonempty:
         return DROPS_SCHEMA.empty_table()
+    edges = pa.concat_tables(nonempty)
     ids = pc.unique(edges["sample_id"])
-    first_row = pc.index_in(ids, edges["sample_id"]).to_numpy()
-    members = edges.take(first_row)
-    a = pc.index_in(edges["sample_id"], ids).to_numpy()
-    b = pc.index_in(edges["peer"], ids)
-    if b.null_count:
+    members = edges.take(pc.index_in(ids, edges["sample_id"]))
+    peers = pc.index_in(edges["peer"], ids)
+    if peers.null_count:
         raise RuntimeError("an edge points to a row that emitted no edge rows")
-    b = b.to_numpy()
-    cluster = clusters(len(ids), a, b)
+    cluster = clusters(len(ids), pc.index_in(edges["sample_id"], ids).to_numpy(), peers.to_numpy())
     keeper = choose_keepers(members, cluster, cfg)
     from_index = members["from_index"].to_numpy(zero_copy_only=False).astype(bool)
     drop = (keeper != np.arange(len(ids))) & ~from_index
     who, kept_by = np.nonzero(drop)[0], keeper[drop]
-    detail = _distance_detail(members["value"], who, kept_by, metric)
     kept_ids = pc.take(members["sample_id"], pa.array(kept_by))
     return pa.table({
         "sample_id": pc.take(members["sample_id"], pa.array(who)),
         "drop_reason": pc.binary_join_element_wise("near_dup_of:", kept_ids, ""),
-        "drop_detail": pa.array(detail, pa.string()),
+        "drop_detail": pa.array(distance_detail(members["value"], who, kept_by), pa.string()),
     }, schema=DROPS_SCHEMA)
-
-
-def _distance_detail(values: pa.ChunkedArray, who: np.ndarray, kept_by: np.ndarray, metric: str) -> list[str]:
-    if metric == "hamming":
-        h = values.to_numpy()
-        return [f"hamming={d}" for d in hamming(h[who], h[kept_by])]
-    emb = np.asarray(values.combine_chunks().flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
-    emb = emb.reshape(len(values), -1)
-    sims = np.einsum("ij,ij->i", emb[who], emb[kept_by])
-    return [f"cosine={s:.4f}" for s in sims]
 
 
 class MarkNearDups:

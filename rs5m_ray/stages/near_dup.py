@@ -31,7 +31,7 @@ import ray.data
 
 from rs5m_ray.config import NearDupConfig
 from rs5m_ray.stages.keep_rule import resolve_drops, run_near_dup
-from rs5m_ray.stages.phash import as_unsigned
+from rs5m_ray.stages.phash import as_unsigned, hamming
 from rs5m_ray.storage import Storage
 
 COMBO = "nd_combo"
@@ -56,7 +56,7 @@ def combo_masks(bands: int, radius: int) -> np.ndarray:
 def band_keys(h: np.ndarray, masks: np.ndarray, num_partitions: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Explode hashes into (row index, combo, partition) per combo; same (combo, key) -> same partition."""
     n, c = len(h), len(masks)
-    row = np.repeat(np.arange(n), c)
+    row = np.repeat(np.arange(n, dtype=np.int32 if n < 2**31 else np.int64), c)
     combo = np.tile(np.arange(c, dtype=np.int8), n)
     key = h[row] & masks[combo]
     mixed = (key ^ (combo.astype(np.uint64) + np.uint64(1)) * _GOLDEN) * _MIX
@@ -103,11 +103,12 @@ def near_pairs(combo: np.ndarray, h: np.ndarray, is_old: np.ndarray, masks: np.n
     cuts = np.unique(np.concatenate([[0], np.searchsorted(first_pair, np.arange(pair_budget, total, pair_budget)),
                                      [len(rep)]]))
     rows = order[rep]
+    rep_hash = h[rows]
     for e0, e1 in zip(cuts[:-1], cuts[1:]):
         cnt = count[e0:e1]
         left = np.repeat(np.arange(e0, e1), cnt)
         right = left + 1 + np.arange(len(left)) - np.repeat(first_pair[e0:e1] - first_pair[e0], cnt)
-        x = h[rows[left]] ^ h[rows[right]]
+        x = rep_hash[left] ^ rep_hash[right]
         dist = np.bitwise_count(x)
         ok = dist <= radius
         left, right, x, dist = left[ok], right[ok], x[ok], dist[ok]
@@ -136,10 +137,18 @@ def phash_edges(group: pa.Table, masks: np.ndarray, radius: int) -> pa.Table:
     return out.append_column("score", pa.array(np.concatenate([dist, dist]).astype(np.float64)))
 
 
+def partitions_for(rows: int, cfg: NearDupConfig) -> int:
+    """Enough partitions that each holds about `partition_rows` exploded rows: the per-partition
+    sort then stays worker-sized, and total work grows linearly with the rows."""
+    keys_per_row = len(combo_masks(cfg.phash_bands, cfg.hamming_radius))
+    return max(cfg.num_partitions, -(-rows * keys_per_row // cfg.partition_rows))
+
+
 def phash_edge_rows(keys: ray.data.Dataset, cfg: NearDupConfig) -> ray.data.Dataset:
     """Member rows -> edge rows of all pairs within the radius, by a hash-partitioned shuffle."""
     masks = combo_masks(cfg.phash_bands, cfg.hamming_radius)
-    parts = cfg.num_partitions
+    keys = keys.materialize()  # light rows, counted to size the shuffle, then exploded
+    parts = partitions_for(keys.count(), cfg)
     return (keys.map_batches(explode_bands, fn_kwargs={"masks": masks, "num_partitions": parts},
                              batch_format="pyarrow")
             .groupby(BUCKET, num_partitions=parts)
@@ -149,7 +158,12 @@ def phash_edge_rows(keys: ray.data.Dataset, cfg: NearDupConfig) -> ray.data.Data
 
 def phash_drops(keys: ray.data.Dataset, cfg: NearDupConfig) -> ray.ObjectRef:
     """Member rows -> ObjectRef of the drop marks, computed without any driver-side table."""
-    return ray.remote(resolve_drops).remote(cfg, "hamming", *phash_edge_rows(keys, cfg).to_arrow_refs())
+    return ray.remote(resolve_drops).remote(cfg, hamming_detail, *phash_edge_rows(keys, cfg).to_arrow_refs())
+
+
+def hamming_detail(values: pa.ChunkedArray, who: np.ndarray, kept_by: np.ndarray) -> list[str]:
+    h = values.to_numpy()
+    return [f"hamming={d}" for d in hamming(h[who], h[kept_by])]
 
 
 def apply_phash_dedup(ds: ray.data.Dataset, cfg: NearDupConfig, output: str, storage: Storage,

@@ -1,0 +1,112 @@
+"""The CLIP image pass: columns, scores that match their definition, decode drops, the actor-pool stage."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from rs5m_ray.config import ScoringConfig
+from rs5m_ray.ledger import read_parquet_dir
+from rs5m_ray.models.prompts import RS_PROMPTS
+from rs5m_ray.sample.generate import aerial_image, jpeg, photo_image
+from rs5m_ray.stages.clip_score import ClipScore, prompt_embedding, score_images
+from rs5m_ray.stages.rs_detector import DetectorMeta, build_module, save_detector
+from rs5m_ray.storage import Storage
+
+
+@pytest.fixture(scope="module")
+def head_checkpoint(tmp_path_factory) -> str:
+    """An untrained head for rs5m-tiny-vit embeddings (the stage's maths does not need a good one)."""
+    torch.manual_seed(0)
+    meta = DetectorMeta("clip_head", {"embed_dim": 64, "hidden": 0},
+                        embedder={"clip_model": "rs5m-tiny-vit", "clip_pretrained": None})
+    return save_detector(build_module(meta), meta, str(tmp_path_factory.mktemp("det")), Storage())
+
+
+@pytest.fixture(scope="module")
+def stage(head_checkpoint) -> ClipScore:
+    return ClipScore(ScoringConfig(detector_checkpoint=head_checkpoint, forward_batch_size=3))
+
+
+def images(n: int, seed: int = 0) -> list[bytes]:
+    rng = random.Random(seed)
+    return [jpeg((aerial_image if i % 2 else photo_image)(rng, (rng.choice([80, 300]), 120))) for i in range(n)]
+
+
+def batch(data: list) -> pa.Table:
+    n = len(data)
+    return pa.table({"sample_id": [f"laion2b_p_{i}" for i in range(n)], "source": ["laion2b"] * n,
+                     "caption": ["aerial view"] * n, "jpg": pa.array(data, pa.binary())})
+
+
+def test_adds_embedding_and_scores_that_match_their_definition(stage):
+    out = stage(batch(images(7)))
+    assert len(out) == 7 and out["drop_reason"].null_count == 7
+    emb = np.array(out["image_embedding"].to_pylist(), np.float32)
+    assert emb.shape == (7, 64) and out.schema.field("image_embedding").type == pa.list_(pa.float32())
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(out["clip_score"].to_numpy(), emb @ stage.prompt.numpy(), atol=1e-5)
+    probs = stage.detector.probs(torch.from_numpy(emb)).numpy()
+    np.testing.assert_allclose(out["rs_prob"].to_numpy(), probs, atol=1e-5)
+
+
+def test_chunked_forward_gives_the_same_scores_as_one_forward(stage, head_checkpoint):
+    data = batch(images(8, seed=3))
+    whole = ClipScore(ScoringConfig(detector_checkpoint=head_checkpoint, forward_batch_size=64))(data)
+    np.testing.assert_allclose(stage(data)["clip_score"].to_numpy(), whole["clip_score"].to_numpy(), atol=1e-5)
+
+
+def test_undecodable_images_get_a_drop_reason_not_a_crash(stage):
+    good = images(2)
+    out = stage(batch([good[0], b"\xff\xd8\xff not really a jpeg", None, good[0][: len(good[0]) // 3], good[1]]))
+    reasons = out["drop_reason"].to_pylist()
+    assert reasons[0] is None and reasons[4] is None
+    assert reasons[1] == reasons[2] == "decode_error"
+    assert out["drop_detail"][2].as_py() == "no image bytes"
+    assert out["clip_score"][1].as_py() is None and out["image_embedding"][1].as_py() is None
+    # A truncated JPEG either decodes (PIL pads it) or is dropped; either way it is accounted for.
+    assert reasons[3] in (None, "decode_error")
+
+
+def test_prompt_normalisation_switch(stage):
+    raw = stage.clip.encode_texts(list(RS_PROMPTS), normalize=False)
+    unit = raw / raw.norm(dim=1, keepdim=True)
+    for normalize_each, feats in ((True, unit), (False, raw)):
+        expected = feats.mean(0) / feats.mean(0).norm()
+        torch.testing.assert_close(prompt_embedding(stage.clip, RS_PROMPTS, normalize_each), expected)
+    assert not torch.allclose(prompt_embedding(stage.clip, RS_PROMPTS, True),
+                              prompt_embedding(stage.clip, RS_PROMPTS, False))
+
+
+def test_backbone_detector_reads_pixels(tmp_path):
+    meta = DetectorMeta("backbone", {"name": "test_convnext", "image_size": 48})
+    path = save_detector(build_module(meta), meta, str(tmp_path / "det"), Storage())
+    out = ClipScore(ScoringConfig(detector_checkpoint=path))(batch(images(3)))
+    probs = out["rs_prob"].to_numpy()
+    assert np.all((probs > 0) & (probs < 1)) and out["drop_reason"].null_count == 3
+
+
+def test_configuration_errors_are_clear(head_checkpoint):
+    with pytest.raises(ValueError, match="detector_checkpoint"):
+        ClipScore(ScoringConfig())
+    with pytest.raises(ValueError, match="trained on"):
+        ClipScore(ScoringConfig(clip_model="rs5m-tiny-convnext", detector_checkpoint=head_checkpoint))
+
+
+def test_actor_pool_stage_accounts_for_every_row(ray_cluster, head_checkpoint, tmp_path):
+    import ray.data
+
+    data = images(10) + [b"broken", None]
+    ds = ray.data.from_arrow(batch(data)).repartition(3)
+    cfg = ScoringConfig(detector_checkpoint=head_checkpoint, batch_size=4, max_actors=2)
+    out_dir, storage = str(tmp_path / "run"), Storage()
+    kept = score_images(ds, cfg, out_dir, storage).to_arrow()
+    assert len(kept) == 10 and {"image_embedding", "clip_score", "rs_prob"} <= set(kept.column_names)
+    assert "drop_reason" not in kept.column_names
+    ledger = read_parquet_dir(storage, f"{out_dir}/ledger/clip_score")
+    assert sorted(ledger["drop_reason"].to_pylist()) == ["decode_error", "decode_error"]
+    stats = read_parquet_dir(storage, f"{out_dir}/stats/clip_score")
+    assert sum(stats["rows_in"].to_pylist()) == 12 and sum(stats["rows_out"].to_pylist()) == 10
