@@ -2,8 +2,8 @@
 
 Gives the tensors of the CLIP eval transform (Resize(S) bicubic on the shorter side,
 CenterCrop(S), RGB, ToTensor, Normalize) that RS5M's `dataloader.py` applies, but
-cheaper: a JPEG at least twice the target is decoded at a reduced DCT scale, the
-resize is torch's vectorised uint8 antialiased bicubic (PIL's kernel) and the crop a
+cheaper: a JPEG that keeps at least twice the target's pixels per side at a reduced
+DCT scale is decoded at that scale, the resize is torch's vectorised uint8 antialiased bicubic (PIL's kernel) and the crop a
 view, batches stay uint8 in one preallocated shared-memory tensor, and `normalize`
 runs on the accelerator. Tar members are parsed directly, and shards stream from
 local disk or S3 through a read-ahead thread.
@@ -322,7 +322,8 @@ class ShardReader(IterableDataset):
     feed it to `normalize`.
     `skipped` counts what was dropped since the previous batch, by reason
     (corrupt_sample, incomplete_sample, bad_shard); summed over batches it is the
-    run's total, also across DataLoader workers (whose `stats` stay in their process).
+    run's total, also across DataLoader workers (whose `stats` stay in their process),
+    except skips after a worker's last batch, which only its `stats` and log hold.
     Order is deterministic given (urls, seed, epoch, world_size, DataLoader workers).
     Shards are split over rank x worker; with fewer shards than that, every reader
     reads all shards and keeps every n-th sample so each sample still comes once.
