@@ -66,20 +66,30 @@ def planted(n: int, seed: int) -> np.ndarray:
     return h
 
 
-def band_join(h: np.ndarray, cfg: NearDupConfig) -> np.ndarray:
-    """The Ray path's partitioning and kernel, in one process: cluster label per hash."""
+def band_join(h: np.ndarray, cfg: NearDupConfig, batch_rows: int = 65_536) -> np.ndarray:
+    """The Ray path's data flow in one process: cluster label per hash.
+
+    Map side: explode each input batch and split it by partition (as `explode_bands`
+    and the shuffle do); reduce side: run the partition kernel on one partition at a time.
+    """
     masks = combo_masks(cfg.phash_bands, cfg.hamming_radius)
     parts = partitions_for(len(h), cfg)
-    row, combo, part = band_keys(h, masks, parts)
-    order = np.argsort(part.astype(np.int16), kind="stable")  # the shuffle: a linear radix sort
-    bounds = np.searchsorted(part[order], np.arange(parts + 1))
-    old = np.zeros(len(h), dtype=bool)
+    # Exploded rows carry their hash (as the Ray rows do): the reduce side reads no global table.
+    shuffled: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in range(parts)]
+    for lo in range(0, len(h), batch_rows):
+        batch = h[lo:lo + batch_rows]
+        row, combo, part = band_keys(batch, masks, parts)
+        order = np.argsort(part.astype(np.int16), kind="stable")
+        bounds = np.searchsorted(part[order], np.arange(parts + 1))
+        for p, (b0, b1) in enumerate(zip(bounds[:-1], bounds[1:])):
+            take = order[b0:b1]
+            shuffled[p].append((row[take] + lo, combo[take], batch[row[take]]))
     a, b = [], []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        sel = order[lo:hi]
-        left, right, _ = near_pairs(combo[sel], h[row[sel]], old[row[sel]], masks, cfg.hamming_radius)
-        a.append(row[sel][left])
-        b.append(row[sel][right])
+    for pieces in shuffled:
+        row, combo, hashes = (np.concatenate(col) for col in zip(*pieces))
+        left, right, _ = near_pairs(combo, hashes, np.zeros(len(row), dtype=bool), masks, cfg.hamming_radius)
+        a.append(row[left])
+        b.append(row[right])
     return clusters(len(h), np.concatenate(a), np.concatenate(b))
 
 

@@ -111,3 +111,15 @@ def test_real_data_backbone_from_scratch(shared_data, tmp_path, one_torch_thread
     assert summary["metrics"]["test"]["roc_auc"] > 0.7
     det = load_detector(str(tmp_path / "det"))
     assert det.kind == "backbone" and det.meta.metrics == summary["metrics"]
+
+
+def test_demo_detector_is_trained_once_unless_configured(tmp_path):
+    storage = Storage()
+    cfg = train.ensure_detector(ScoringConfig(), str(tmp_path), storage, per_class=20)
+    root = str(tmp_path / "models" / "rs_detector")
+    assert cfg.detector_checkpoint == root and latest_version(root, storage) == 1
+    assert load_detector(root).meta.training["data"].startswith("generated")
+    train.ensure_detector(ScoringConfig(), str(tmp_path), storage, per_class=20)
+    assert latest_version(root, storage) == 1
+    configured = ScoringConfig(detector_checkpoint="s3://models/det")
+    assert train.ensure_detector(configured, str(tmp_path), storage) is configured

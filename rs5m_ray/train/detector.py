@@ -12,6 +12,7 @@ embeddings of the configured CLIP model; any timm name (e.g. `test_convnext`,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import random
@@ -24,7 +25,7 @@ from torch import nn
 from rs5m_ray.config import ScoringConfig
 from rs5m_ray.models.clip import load_clip
 from rs5m_ray.models.images import open_rgb
-from rs5m_ray.stages.rs_detector import DetectorMeta, backbone_transform, build_module, save_detector
+from rs5m_ray.stages.rs_detector import DetectorMeta, backbone_transform, build_module, latest_version, save_detector
 from rs5m_ray.storage import Storage, join
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ def fit(module: nn.Module, batches, evaluate, epochs: int, lr: float) -> nn.Modu
         if val_loss < best:
             best, best_state = val_loss, {k: v.clone() for k, v in module.state_dict().items()}
         log.debug("epoch %d val_loss %.4f", epoch, val_loss)
+    if best_state is None:
+        raise RuntimeError("validation loss was never finite: training diverged (lower --lr)")
     module.load_state_dict(best_state)
     return module.eval()
 
@@ -166,6 +169,25 @@ def read_images(root: str, storage: Storage) -> list[bytes]:
             continue
         out.append(data)
     return out
+
+
+def ensure_detector(cfg: ScoringConfig, output: str, storage: Storage, per_class: int = 60,
+                    seed: int = 2023) -> ScoringConfig:
+    """`cfg` with a detector: the configured checkpoint, else (demo) a CLIP head trained now on generated
+    aerial scenes vs ground-level photos, saved under <output>/models/rs_detector and reused on reruns."""
+    if cfg.detector_checkpoint:
+        return cfg
+    from rs5m_ray.sample.generate import aerial_image, jpeg, photo_image
+
+    root = join(output, "models", "rs_detector")
+    if not latest_version(root, storage):
+        rng = random.Random(seed)
+        positives = [jpeg(aerial_image(rng, (160, 128))) for _ in range(per_class)]
+        negatives = [jpeg(photo_image(rng, (160, 128))) for _ in range(per_class)]
+        module, meta = train_detector(positives, negatives, "clip-head", cfg, hidden=64, seed=seed, storage=storage)
+        meta.training["data"] = "generated: rs5m_ray.sample.generate aerial_image vs photo_image"
+        save_detector(module, meta, root, storage)
+    return dataclasses.replace(cfg, detector_checkpoint=root)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
