@@ -32,6 +32,9 @@ class RayConfig:
     address: str | None = None
     num_cpus: int | None = None
     object_store_memory: int | None = None
+    # Ray Data shuffle for the groupby joins: None = Ray's default (hash shuffle, aggregator
+    # actors: best on a cluster); "sort_shuffle_pull_based" starts in a fraction of a second on a laptop.
+    shuffle_strategy: str | None = None
 
 
 @dataclass
@@ -112,7 +115,6 @@ class NearDupConfig:
     """pHash and embedding near-dup dedup (rs5m_ray.stages.near_dup / embedding_dedup)."""
 
     phash_enabled: bool = True
-    phash_method: str = "phash"  # phash | dhash | whash (computed in the decode pass)
     hamming_radius: int = 4
     phash_bands: int = 6  # > hamming_radius; rows agree on >= bands - radius bands
     num_partitions: int = 16  # shuffle partitions of both joins (at least)

@@ -31,12 +31,6 @@ def stage(head_checkpoint) -> ClipScore:
     return ClipScore(ScoringConfig(detector_checkpoint=head_checkpoint, forward_batch_size=3))
 
 
-def to_table(ds) -> pa.Table:
-    import ray
-
-    return pa.concat_tables(ray.get(ds.to_arrow_refs()))
-
-
 def images(n: int, seed: int = 0) -> list[bytes]:
     rng = random.Random(seed)
     return [jpeg((aerial_image if i % 2 else photo_image)(rng, (rng.choice([80, 300]), 120))) for i in range(n)]
@@ -112,9 +106,9 @@ def test_actor_pool_stage_accounts_for_every_row(ray_cluster, head_checkpoint, t
     ds = ray.data.from_arrow(batch(data)).repartition(3)
     cfg = ScoringConfig(detector_checkpoint=head_checkpoint, batch_size=4, max_actors=2)
     out_dir, storage = str(tmp_path / "run"), Storage()
-    kept = to_table(score_images(ds, cfg, out_dir, storage))
-    assert len(kept) == 10 and {"image_embedding", "clip_score", "rs_prob"} <= set(kept.column_names)
-    assert "drop_reason" not in kept.column_names
+    kept = score_images(ds, cfg, out_dir, storage).to_pandas()
+    assert len(kept) == 10 and {"image_embedding", "clip_score", "rs_prob"} <= set(kept.columns)
+    assert "drop_reason" not in kept.columns
     ledger = read_parquet_dir(storage, f"{out_dir}/ledger/clip_score")
     assert sorted(ledger["drop_reason"].to_pylist()) == ["decode_error", "decode_error"]
     stats = read_parquet_dir(storage, f"{out_dir}/stats/clip_score")

@@ -12,7 +12,7 @@ from rs5m_ray.stages.embedding_dedup import apply_embedding_dedup
 from rs5m_ray.stages.near_dup import apply_phash_dedup
 from rs5m_ray.storage import Storage, join
 from tests.test_embedding_dedup import planted_embeddings
-from tests.test_near_dup import assert_accounting_exact, sort_shuffle  # noqa: F401
+from tests.test_near_dup import assert_accounting_exact
 
 
 def flipped(h: int, bits) -> int:
@@ -61,8 +61,8 @@ def incremental_runs(ray, base: str, storage: Storage, restart: bool):
                        ["laion2b"] * 5 + ["sbu"] * 11, copies + fresh + [flipped(fresh[0], [3])])
     kept2, reasons2 = run(ray, second, join(base, "run2"), storage, join(base, "index"))
     # old rows win even against a higher-priority source; new-new duplicates still resolve
-    assert reasons2 == {**{f"laion2b_{i}": f"near_dup_of:cc3m_{i}" for i in range(5)},
-                        **({"sbu_copy": "near_dup_of:sbu_0"} if "sbu_0" in kept2 else {"sbu_0": "near_dup_of:sbu_copy"})}
+    internal = {"sbu_copy": "near_dup_of:sbu_0"} if "sbu_0" in kept2 else {"sbu_0": "near_dup_of:sbu_copy"}
+    assert reasons2 == {**{f"laion2b_{i}": f"near_dup_of:cc3m_{i}" for i in range(5)}, **internal}
     after_second = snapshot(storage, join(base, "index"))
     assert {p: after_second[p] for p in after_first} == after_first, "earlier parts are never rewritten"
     assert len(after_second) > len(after_first)

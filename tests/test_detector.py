@@ -104,7 +104,7 @@ def test_real_data_backbone_from_scratch(shared_data, tmp_path, one_torch_thread
     args = parser.parse_args(["--positives", str(shared_data / "aid-dev"), "--negatives",
                               str(shared_data / "imagenet-dev"), "--out", str(tmp_path / "det"),
                               "--backbone", "test_convnext", "--epochs", "30"])
-    summary = train.main(args)
+    summary = train.run(args)
     assert summary["training"]["positives_available"] == 300 and summary["training"]["negatives_available"] == 100
     assert summary["training"]["sizes"] == {"train": 140, "val": 20, "test": 40}
     # A classifier that learned nothing sits at 0.5 on this balanced test split.

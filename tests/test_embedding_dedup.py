@@ -12,7 +12,7 @@ from rs5m_ray.stages.embedding_dedup import (BUCKET, apply_embedding_dedup, assi
                                              spherical_kmeans, unit_rows)
 from rs5m_ray.stages.keep_rule import clusters
 from rs5m_ray.storage import Storage, join
-from tests.test_near_dup import assert_accounting_exact, same_partition, sort_shuffle  # noqa: F401
+from tests.test_near_dup import assert_accounting_exact, same_partition
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -23,7 +23,8 @@ def planted_embeddings(bases: int, copies_per_base: int, dim: int, seed: int, no
     """Random unit bases (cosine ~0 apart) plus copies with noise of norm `noise` (cosine ~0.98 apart)."""
     rng = np.random.default_rng(seed)
     base = unit(rng.normal(size=(bases, dim)))
-    copies = unit(np.repeat(base, copies_per_base, axis=0) + noise / np.sqrt(dim) * rng.normal(size=(bases * copies_per_base, dim)))
+    jitter = noise / np.sqrt(dim) * rng.normal(size=(bases * copies_per_base, dim))
+    copies = unit(np.repeat(base, copies_per_base, axis=0) + jitter)
     return np.concatenate([base, copies]), np.concatenate([np.arange(bases), np.repeat(np.arange(bases),
                                                                                       copies_per_base)])
 

@@ -11,22 +11,10 @@ from rs5m_ray.config import NearDupConfig
 from rs5m_ray.ledger import read_parquet_dir
 from rs5m_ray.stages.keep_rule import choose_keepers, clusters, member_rows
 from rs5m_ray.stages.near_dup import (apply_phash_dedup, band_keys, combo_masks, near_pairs,
-                                      phash_edge_rows)
+                                      partitions_for, phash_edge_rows)
 from rs5m_ray.stages.phash import compute_phash
 from rs5m_ray.storage import Storage, join
 from tests.test_phash import COPIES, generated_image
-
-
-@pytest.fixture
-def sort_shuffle(ray_cluster):
-    """Ray's sort-based shuffle: same groupby semantics, no ~15 s aggregator-actor start per shuffle
-    on a 2-CPU test box (the default hash shuffle is covered by the brute-force comparison)."""
-    from ray.data.context import DataContext, ShuffleStrategy
-
-    ctx = DataContext.get_current()
-    before, ctx.shuffle_strategy = ctx.shuffle_strategy, ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    yield ray_cluster
-    ctx.shuffle_strategy = before
 
 
 def planted_hashes(n: int, seed: int, radius: int = 4) -> np.ndarray:
@@ -76,6 +64,8 @@ def test_combo_masks_follow_the_pigeonhole():
     assert len(combo_masks(5, 4)) == 5 and len(combo_masks(1, 0)) == 1
     with pytest.raises(ValueError):
         combo_masks(4, 4)
+    cfg = NearDupConfig(num_partitions=16, partition_rows=1_000_000)
+    assert (partitions_for(1_000, cfg), partitions_for(2_000_000, cfg)) == (16, 30)  # 15 keys per row
 
 
 @pytest.mark.parametrize("bands,radius,budget", [(5, 4, 1 << 20), (6, 4, 500), (8, 4, 1 << 20), (4, 2, 97)])

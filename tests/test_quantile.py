@@ -15,12 +15,6 @@ from rs5m_ray.stages.quantile import (GRID_KEEP, QuantileFilter, apply_quantile_
 from rs5m_ray.storage import Storage
 
 
-def to_table(ds) -> pa.Table:
-    import ray
-
-    return pa.concat_tables(ray.get(ds.to_arrow_refs()))
-
-
 def scores(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     s = rng.normal(0.2, 0.05, n).astype(np.float32)
@@ -80,16 +74,17 @@ def test_apply_on_a_distributed_dataset(ray_cluster, tmp_path):
     out_dir, storage = str(tmp_path / "run"), Storage()
     cfg = ScoringConfig(clip_quantile_keep=0.9, detector_quantile_keep=0.8)
     kept_ds, report = apply_quantile_filter(ds, cfg, out_dir, storage)
-    kept = to_table(kept_ds)
+    kept = kept_ds.to_pandas()
     m, n = np.sort(s)[200], np.sort(c)[400]
     expected = (s >= m) & (c >= n)
     assert report["m"] == pytest.approx(float(m)) and report["n"] == pytest.approx(float(n))
     assert len(kept) == report["kept"] == expected.sum()
-    assert sorted(kept["sample_id"].to_pylist()) == sorted(table.filter(pa.array(expected))["sample_id"].to_pylist())
+    assert sorted(kept["sample_id"]) == sorted(table.filter(pa.array(expected))["sample_id"].to_pylist())
     assert report["grid"]["remaining"][2][4] == report["kept"]  # the 90/80 cell is the filter itself
     ledger = read_parquet_dir(storage, f"{out_dir}/ledger/quantile_filter")
     reasons = ledger["drop_reason"].to_pylist()
     assert reasons.count("low_clip_score") == report["dropped"]["low_clip_score"] == 200
     assert reasons.count("not_rs") == report["dropped"]["not_rs"]
     assert len(ledger) + len(kept) == 2000
+    assert all(d.startswith("clip_score=") and ";rs_prob=" in d for d in ledger["drop_detail"].to_pylist())
     assert json.loads((tmp_path / "run" / "quantile_filter.json").read_text())["kept"] == report["kept"]

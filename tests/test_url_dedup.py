@@ -18,7 +18,7 @@ def test_partition_kernel_keeps_smallest_sample_id():
                    "d": ("duplicate_url", "duplicate_of:a")}
 
 
-def test_global_dedup_across_sources_and_files_with_exact_ledger(tmp_path, ray_cluster):
+def test_global_dedup_across_sources_and_files_with_exact_ledger(tmp_path, sort_shuffle):
     # 3 LAION parquet files and a CC3M tsv, overlapping URLs across all of them.
     urls = [f"http://img.example/{i}.jpg" for i in range(300)]
     for part in range(3):

@@ -39,7 +39,7 @@ def run_demo(out: str, rows_per_source: int = 60) -> int:
         detector = train_demo_detector(out)
         cfg = load_config(overrides={
             "output": os.path.join(out, "run"),
-            "ray": {"num_cpus": 2, "object_store_memory": 512 * 1024**2},
+            "ray": {"num_cpus": 2, "object_store_memory": 512 * 1024**2, "shuffle_strategy": "sort_shuffle_pull_based"},
             "ingest": {"sources": sample["sources"]},
             # The images live on this machine's loopback server: the one place private addresses are allowed.
             "download": {"allow_private_addresses": True, "max_actors": 2},

@@ -12,9 +12,11 @@ import os
 
 import ray
 import ray.data
+from ray.data.context import ShuffleStrategy
 
 from rs5m_ray.config import PipelineConfig, to_dict
 from rs5m_ray.ledger import Accounted
+from rs5m_ray.dedup_index import index_for
 from rs5m_ray.report import build_report
 from rs5m_ray.shards.writer import SHARD, ShardWriter, assign_shards, shard_counts, write_manifest
 from rs5m_ray.sources.ingest import IngestFiles, list_inputs
@@ -22,6 +24,7 @@ from rs5m_ray.stages.decode import DecodeStage
 from rs5m_ray.stages.download import DownloadStage
 from rs5m_ray.stages.host_limits import start_host_limits, stop_host_limits
 from rs5m_ray.stages.keyword_filter import KeywordFilter
+from rs5m_ray.stages.near_dup import apply_phash_dedup
 from rs5m_ray.stages.url_dedup import BUCKET, add_url_bucket, dedup_urls
 from rs5m_ray.storage import Storage, join
 
@@ -30,10 +33,11 @@ log = logging.getLogger(__name__)
 
 def init_ray(cfg: PipelineConfig) -> None:
     """Join `ray.address` (or RAY_ADDRESS, as under Ray Jobs); else start a local instance."""
-    if ray.is_initialized():
-        return
-    ray.init(address=cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
-             include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local", num_cpus=cfg.ray.num_cpus,
+                 object_store_memory=cfg.ray.object_store_memory, include_dashboard=False, log_to_driver=False)
+    if cfg.ray.shuffle_strategy:
+        ray.data.DataContext.get_current().shuffle_strategy = ShuffleStrategy(cfg.ray.shuffle_strategy)
 
 
 def claim_output(cfg: PipelineConfig, storage: Storage) -> None:
@@ -106,6 +110,9 @@ def run(cfg: PipelineConfig) -> dict:
     host_limits = start_host_limits(cfg.download)
     try:
         ds = image_stages(ds, cfg, storage, host_limits)
+        index = index_for(cfg.near_dup, cfg.output, storage)
+        if cfg.near_dup.phash_enabled:
+            ds = apply_phash_dedup(ds, cfg.near_dup, cfg.output, storage, index)
         shards = write_shards(ds, cfg, storage)
     finally:
         stop_host_limits(host_limits)

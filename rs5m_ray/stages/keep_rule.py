@@ -47,7 +47,8 @@ def member_rows(batch: pa.Table, value_column: str, quality_column: str | None, 
     batch = batch.filter(pc.is_valid(batch[value_column]))
     n = len(batch)
     quality = pc.cast(batch[quality_column], pa.float64()) if quality_column else pa.nulls(n, pa.float64())
-    return pa.table({"sample_id": pc.cast(batch["sample_id"], pa.string()), "source": pc.cast(batch["source"], pa.string()),
+    return pa.table({"sample_id": pc.cast(batch["sample_id"], pa.string()),
+                     "source": pc.cast(batch["source"], pa.string()),
                      "quality": quality, "from_index": pa.array(np.full(n, from_index)),
                      "value": batch[value_column]})
 

@@ -206,14 +206,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=2023)
 
 
-def main(args: argparse.Namespace, storage: Storage | None = None) -> dict:
+def main(args: argparse.Namespace) -> int:
+    """CLI entry: train, save, print the summary (checkpoint path, metrics) as JSON."""
+    print(json.dumps(run(args), indent=1))
+    return 0
+
+
+def run(args: argparse.Namespace, storage: Storage | None = None) -> dict:
     storage = storage or Storage()
     positives, negatives = read_images(args.positives, storage), read_images(args.negatives, storage)
     clip_cfg = ScoringConfig(clip_model=args.clip_model, clip_pretrained=args.clip_pretrained)
     module, meta = train_detector(positives, negatives, args.backbone, clip_cfg, args.hidden, args.image_size,
                                   args.epochs, args.batch_size, args.lr, args.seed, storage)
     path = save_detector(module, meta, args.out, storage)
-    summary = {"checkpoint": path, "kind": meta.kind, "arch": meta.arch, "metrics": meta.metrics,
-               "training": meta.training}
-    print(json.dumps(summary, indent=1))
-    return summary
+    return {"checkpoint": path, "kind": meta.kind, "arch": meta.arch, "metrics": meta.metrics,
+            "training": meta.training}
