@@ -14,17 +14,20 @@ import ray
 import ray.data
 from ray.data.context import ShuffleStrategy
 
-from rs5m_ray.config import PipelineConfig, to_dict
+from rs5m_ray.config import ConfigError, PipelineConfig, to_dict
 from rs5m_ray.ledger import Accounted
 from rs5m_ray.dedup_index import index_for
 from rs5m_ray.report import build_report
 from rs5m_ray.shards.writer import SHARD, ShardWriter, assign_shards, shard_counts, write_manifest
 from rs5m_ray.sources.ingest import IngestFiles, list_inputs
+from rs5m_ray.stages.clip_score import score_images
 from rs5m_ray.stages.decode import DecodeStage
 from rs5m_ray.stages.download import DownloadStage
 from rs5m_ray.stages.host_limits import start_host_limits, stop_host_limits
 from rs5m_ray.stages.keyword_filter import KeywordFilter
+from rs5m_ray.stages.embedding_dedup import apply_embedding_dedup
 from rs5m_ray.stages.near_dup import apply_phash_dedup
+from rs5m_ray.stages.quantile import apply_quantile_filter
 from rs5m_ray.stages.url_dedup import BUCKET, add_url_bucket, dedup_urls
 from rs5m_ray.storage import Storage, join
 
@@ -100,6 +103,8 @@ STAGES = ["ingest", "keyword_filter", "url_dedup", "download", "decode", "phash_
 
 
 def run(cfg: PipelineConfig) -> dict:
+    if cfg.scoring.enabled and not cfg.scoring.detector_checkpoint:
+        raise ConfigError("scoring.detector_checkpoint is required (train one with `rs5m train-detector`)")
     storage = Storage(cfg.storage)
     init_ray(cfg)
     claim_output(cfg, storage)
@@ -108,12 +113,18 @@ def run(cfg: PipelineConfig) -> dict:
     ds = ds.map_batches(IngestFiles(cfg.ingest, cfg.output, storage), batch_size=1, batch_format="pyarrow")
     ds = metadata_stages(ds, cfg, storage)
     host_limits = start_host_limits(cfg.download)
+    extra: dict = {}
     try:
         ds = image_stages(ds, cfg, storage, host_limits)
         index = index_for(cfg.near_dup, cfg.output, storage)
         if cfg.near_dup.phash_enabled:
             ds = apply_phash_dedup(ds, cfg.near_dup, cfg.output, storage, index)
-        shards = write_shards(ds, cfg, storage)
+        if cfg.scoring.enabled:
+            ds = score_images(ds, cfg.scoring, cfg.output, storage)
+            if cfg.near_dup.embedding_enabled:
+                ds = apply_embedding_dedup(ds, cfg.near_dup, cfg.output, storage, index)
+            ds, extra["quantile_filter"] = apply_quantile_filter(ds, cfg.scoring, cfg.output, storage)
+        extra["shard_run"] = write_shards(ds, cfg, storage)
     finally:
         stop_host_limits(host_limits)
-    return build_report(cfg.output, storage, STAGES, join(cfg.output, "shards"), extra={"shard_run": shards})
+    return build_report(cfg.output, storage, STAGES, join(cfg.output, "shards"), extra=extra)

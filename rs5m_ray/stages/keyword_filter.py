@@ -8,14 +8,24 @@ plain substrings with no word boundary, so "aerial images", "aerial imagery" and
 paper's recall-oriented first pass; later stages (CLIP score, RS detector)
 remove what the stems let through.
 
-One RE2 pass (an alternation of all keywords, compiled to a DFA by Arrow) finds
-the rows that hit; only those few rows are then tested keyword by keyword to
-record which keywords hit.
+Case: ASCII letters match either case; keywords are lower-cased with
+`str.lower()` and their non-ASCII characters must match byte for byte. For the
+44 ASCII keywords this equals the paper's `keyword in caption.lower()`: the only
+non-ASCII characters that `str.lower()` maps to ASCII are the Kelvin sign (-> k,
+in no keyword) and 'İ' (-> 'i' plus a combining dot, which no stem contains).
+No Unicode case folding: 'ſatellite' (long s) and 'AERİAL' do not hit.
+
+Speed: Hyperscan (SIMD multi-literal matching) scans a batch's whole caption
+data buffer in one call, zero-copy; each occurrence is mapped back to its row
+through the offsets buffer, so hit detection and per-keyword attribution are one
+pass. An occurrence straddling two captions is discarded.
 """
 from __future__ import annotations
 
-import re
+import functools
 
+import hyperscan
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -37,21 +47,59 @@ GROUP2_APPLICATIONS = (
 RS5M_KEYWORDS = GROUP1_RS_NOUNS + GROUP2_APPLICATIONS
 
 
-def keyword_pattern(keywords) -> str:
-    return "|".join(re.escape(k.lower()) for k in keywords)
+@functools.lru_cache(maxsize=16)
+def _database(keywords: tuple[str, ...]) -> hyperscan.Database:
+    # Built per process (not picklable, so never shipped with the stage). Block mode scratch is not
+    # thread-safe: one scan at a time per process, as Ray's map_batches runs them.
+    database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+    database.compile(expressions=[k.encode() for k in keywords], ids=list(range(len(keywords))),
+                     flags=hyperscan.HS_FLAG_CASELESS, literal=True)
+    return database
 
 
-def caption_hits(captions: pa.Array, keywords) -> pa.Array:
-    """Boolean mask: caption contains any keyword (case-insensitive)."""
+def keyword_occurrences(captions: pa.Array | pa.ChunkedArray, keywords) -> tuple[np.ndarray, np.ndarray]:
+    """(row, keyword index) of every occurrence of a keyword inside one non-null caption."""
+    keywords = tuple(k.lower() for k in keywords)
     if isinstance(captions, pa.ChunkedArray):
         captions = captions.combine_chunks()
-    return pc.fill_null(pc.match_substring_regex(captions, keyword_pattern(keywords), ignore_case=True), False)
+    if not pa.types.is_string(captions.type) and not pa.types.is_large_string(captions.type):
+        raise TypeError(f"captions must be strings, got {captions.type}")
+    offset_type = np.int64 if pa.types.is_large_string(captions.type) else np.int32
+    offsets = np.frombuffer(captions.buffers()[1], offset_type, len(captions) + 1,
+                            captions.offset * np.dtype(offset_type).itemsize).astype(np.int64)
+    data = captions.buffers()[2]
+    found: list[tuple[int, int]] = []
+    if data is not None and offsets[-1] > offsets[0]:
+        _database(keywords).scan(memoryview(data)[offsets[0]:offsets[-1]],
+                                 match_event_handler=lambda kid, _start, end, _flags, _ctx: found.append((kid, end)))
+    kids, ends = np.array(found, np.int64).reshape(-1, 2).T
+    ends = ends + offsets[0]
+    starts = ends - np.array([len(k.encode()) for k in keywords], np.int64)[kids]
+    rows = np.searchsorted(offsets, starts, side="right") - 1
+    inside = ends <= offsets[rows + 1]
+    if captions.null_count:
+        inside &= captions.is_valid().to_numpy(zero_copy_only=False)[rows]
+    return rows[inside], kids[inside]
 
 
-def which_keywords(captions: pa.Array, keywords) -> pa.Array:
-    """For each caption, the '|'-joined keywords it contains. Runs on the hits only (rare)."""
-    lowered = pc.utf8_lower(pc.fill_null(captions, "")).to_pylist()
-    return pa.array(["|".join([k for k in keywords if k in c]) for c in lowered], pa.string())
+def caption_hits(captions: pa.Array | pa.ChunkedArray, keywords) -> pa.Array:
+    """Boolean mask: caption contains any keyword (ASCII case-insensitive); null -> False."""
+    rows, _ = keyword_occurrences(captions, keywords)
+    mask = np.zeros(len(captions), bool)
+    mask[rows] = True
+    return pa.array(mask)
+
+
+def matched_keywords(captions: pa.Array | pa.ChunkedArray, keywords) -> pa.Array:
+    """Per caption, the '|'-joined keywords it contains in list order; null when none."""
+    keywords = tuple(k.lower() for k in keywords)
+    rows, kids = keyword_occurrences(captions, keywords)
+    pairs = np.unique(rows * len(keywords) + kids)  # sorted by row, then keyword order
+    hit_rows, first = np.unique(pairs // len(keywords), return_index=True)
+    joined = ["|".join(keywords[k] for k in ks) for ks in np.split(pairs % len(keywords), first[1:])] if len(pairs) else []
+    mask = np.zeros(len(captions), bool)
+    mask[hit_rows] = True
+    return pc.replace_with_mask(pa.nulls(len(captions), pa.string()), pa.array(mask), pa.array(joined, pa.string()))
 
 
 class KeywordFilter:
@@ -62,14 +110,12 @@ class KeywordFilter:
         self.output, self.storage = output, storage
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        hit = caption_hits(batch["caption"], self.keywords)
+        keywords = matched_keywords(batch["caption"], self.keywords)
+        hit = pc.is_valid(keywords)
         batch = mark_dropped(batch, pc.invert(hit), "keyword_miss")
-        hits = batch.filter(hit)
-        keywords = which_keywords(hits["caption"], self.keywords)
-        if self.output is not None and len(hits):
-            self._write_counts(batch, hits["source"], keywords)
-        column = pc.replace_with_mask(pa.nulls(len(batch), pa.string()), hit, keywords)
-        return batch.append_column("keywords", column)
+        if self.output is not None and pc.any(hit).as_py():
+            self._write_counts(batch, batch["source"].filter(hit), keywords.filter(hit))
+        return batch.append_column("keywords", keywords)
 
     def _write_counts(self, batch: pa.Table, sources: pa.Array, keywords: pa.Array) -> None:
         rows = [(s, k) for s, ks in zip(sources.to_pylist(), keywords.to_pylist()) for k in ks.split("|")]

@@ -61,12 +61,13 @@ def balanced_splits(positives: list, negatives: list, seed: int) -> dict[str, li
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Mann-Whitney estimate with ties counted half."""
-    from scipy.stats import rankdata
-
+    """Mann-Whitney estimate with ties counted half (tied scores share their average rank)."""
     pos = labels == 1
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    ranks = rankdata(scores)
+    order = np.argsort(scores, kind="stable")
+    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(scores))
+    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
