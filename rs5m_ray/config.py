@@ -157,7 +157,9 @@ class ScoringConfig:
     batch_size: int = 256  # rows per Ray batch
     forward_batch_size: int = 64  # images per forward; decode of the next chunk overlaps this one
     decode_threads: int = 2  # per actor
-    decode_draft: bool = True  # let libjpeg decode at reduced scale when the image is larger than needed
+    # Let libjpeg decode large JPEGs at a reduced scale (fast path: only while keeping
+    # shards.reader.DRAFT_MARGIN source pixels per output pixel); False = full decode.
+    decode_draft: bool = True
     num_gpus: float = 0.0
     num_cpus: float = 1.0  # per actor
     min_actors: int = 1

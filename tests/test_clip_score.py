@@ -7,9 +7,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from rs5m_ray.config import ScoringConfig
 from rs5m_ray.ledger import read_parquet_dir
+from rs5m_ray.models.clip import ClipModel
 from rs5m_ray.models.prompts import RS_PROMPTS
 from rs5m_ray.sample.generate import aerial_image, jpeg, photo_image
 from rs5m_ray.stages.clip_score import ClipScore, prompt_embedding, score_images
@@ -60,6 +62,40 @@ def test_chunked_forward_gives_the_same_scores_as_one_forward(head_checkpoint):
         torch.manual_seed(1)  # the same random CLIP weights for both
         scores.append(ClipScore(ScoringConfig(detector_checkpoint=head_checkpoint, forward_batch_size=step))(data))
     np.testing.assert_allclose(scores[0]["clip_score"].to_numpy(), scores[1]["clip_score"].to_numpy(), atol=1e-5)
+
+
+def test_fast_preprocessing_matches_the_open_clip_pil_transform(head_checkpoint, monkeypatch):
+    """Sensitivity check of the fast path (reduced-scale decode, torch resize) against open_clip's
+    own PIL transform on fully decoded images, through the same random tiny model: embeddings
+    keep cosine >= 0.999. Large images make the reduced-scale decode kick in."""
+    rng = random.Random(5)
+    data = [jpeg((aerial_image if i % 2 else photo_image)(rng, size), quality=90)
+            for i, size in enumerate([(80, 120), (300, 120), (640, 480), (480, 800), (1024, 768), (333, 517)])]
+    embeddings = []
+    for fast in (True, False):
+        with monkeypatch.context() as m:
+            if not fast:
+                m.setattr(ClipModel, "eval_transform", property(lambda self: None))
+            torch.manual_seed(1)  # the same random CLIP weights for both
+            stage = ClipScore(ScoringConfig(detector_checkpoint=head_checkpoint, decode_draft=fast))
+            assert (stage.fast is not None) == fast
+            out = stage(batch(data))
+        assert out["drop_reason"].null_count == len(data)
+        embeddings.append(np.array(out["image_embedding"].to_pylist(), np.float32))
+    cosine = (embeddings[0] * embeddings[1]).sum(axis=1)
+    assert cosine.min() >= 0.999, cosine
+
+
+def test_only_the_standard_eval_transform_takes_the_fast_path(stage):
+    assert stage.clip.eval_transform == (64, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+    visual = stage.clip.model.visual
+    standard = dict(visual.preprocess_cfg)
+    try:
+        for change in ({"resize_mode": "squash"}, {"interpolation": "bilinear"}, {"size": (64, 48)}):
+            visual.preprocess_cfg = {**standard, **change}
+            assert stage.clip.eval_transform is None, change
+    finally:
+        visual.preprocess_cfg = standard
 
 
 def test_undecodable_images_get_a_drop_reason_not_a_crash(stage):

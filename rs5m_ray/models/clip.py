@@ -68,6 +68,19 @@ class ClipModel:
         size = self.model.visual.image_size
         return max(size) if isinstance(size, (tuple, list)) else int(size)
 
+    @property
+    def eval_transform(self) -> tuple[int, tuple[float, ...], tuple[float, ...]] | None:
+        """(size, mean, std) when `preprocess` is open_clip's standard eval transform (bicubic
+        resize of the shorter side, square centre crop, normalise), which
+        `shards.reader.preprocess_batch` + `normalize` reproduce faster; else None."""
+        cfg = getattr(self.model.visual, "preprocess_cfg", None) or {}
+        size = cfg.get("size")
+        sides = (size, size) if isinstance(size, int) else tuple(size or ())
+        square = len(sides) == 2 and sides[0] == sides[1]
+        if not square or cfg.get("interpolation") != "bicubic" or cfg.get("resize_mode") != "shortest":
+            return None
+        return int(sides[0]), tuple(cfg["mean"]), tuple(cfg["std"])
+
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """L2-normalised float32 embeddings on CPU."""
@@ -90,8 +103,12 @@ def load_clip(cfg: ScoringConfig, storage: Storage | None = None) -> ClipModel:
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     tag = cfg.clip_pretrained if is_open_clip_tag(cfg.clip_model, cfg.clip_pretrained) else None
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        cfg.clip_model, pretrained=tag, precision=precision, device=device, cache_dir=cfg.weights_cache_dir)
+    # A fixed seed for the initialisation: a model without pretrained weights (tests, demo) must
+    # score the same on every actor and every rerun, or resumed runs would disagree with themselves.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            cfg.clip_model, pretrained=tag, precision=precision, device=device, cache_dir=cfg.weights_cache_dir)
     report = None
     if cfg.clip_pretrained and tag is None:
         path = resolve_weights(cfg.clip_pretrained, storage, cfg.weights_cache_dir)

@@ -43,8 +43,13 @@ def init_ray(cfg: PipelineConfig) -> None:
         ray.data.DataContext.get_current().shuffle_strategy = ShuffleStrategy(cfg.ray.shuffle_strategy)
 
 
+# Everything a run writes besides its shards: recomputed whole by every (re)run.
+SIDE_OUTPUTS = ("ledger", "stats", "keyword_hits", "errors", "quantile_filter.json", "report.json", "report.png")
+
+
 def claim_output(cfg: PipelineConfig, storage: Storage) -> None:
-    """A run directory belongs to one configuration: resuming with another would mix ledgers."""
+    """A run directory belongs to one configuration: a rerun recomputes every stage (complete
+    shards are kept and skipped) and rewrites the side outputs; another config would mix them."""
     path = join(cfg.output, "run_config.json")
     mine = json.dumps(to_dict(cfg), sort_keys=True, indent=1)
     if storage.exists(path):
@@ -52,6 +57,8 @@ def claim_output(cfg: PipelineConfig, storage: Storage) -> None:
         if theirs != mine:
             raise ValueError(f"{cfg.output} holds a run with a different configuration; "
                              "resume with the same config or choose another output")
+        for name in SIDE_OUTPUTS:
+            storage.remove(join(cfg.output, name))
         return
     storage.write_atomic(path, mine.encode())
 

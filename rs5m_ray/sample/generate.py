@@ -142,7 +142,7 @@ def generate(out_dir: str, base_url: str, rows_per_source: int = 60, seed: int =
     tables["cc3m"][-1] = (f"{base_url}/missing.jpg", "satellite image of a missing file")
     with open(os.path.join(out_dir, "images", "not-an-image.jpg"), "wb") as f:
         f.write(b"<html>this is not an image</html>")
-    tables["wit"][-1] = (f"{base_url}/not-an-image.jpg", "aerial view of a page that is not an image")
+    tables["redcaps"][-1] = (f"{base_url}/not-an-image.jpg", "aerial view of a page that is not an image")
 
     for name, img in images.items():
         with open(os.path.join(out_dir, "images", name), "wb") as f:

@@ -1,10 +1,16 @@
 """The one CLIP image pass: embedding, VLM score s_i and RS-detector probability c_i.
 
-Each image is decoded once (in a thread pool, overlapping the forward pass of the
-previous chunk) and fed to the CLIP image tower; its L2-normalised embedding is
-the `image_embedding` column (reused by the embedding near-dup stage), gives
+Images are decoded in a thread pool, one chunk of `forward_batch_size` per task, so
+later chunks decode while the model runs on the current one. When the CLIP model's
+preprocess is open_clip's standard eval transform, the chunk goes through the shard
+reader's fast path (`preprocess_batch`: reduced-scale JPEG decode, vectorised resize,
+uint8) and is normalised on the model's device; its tolerance against the PIL
+transform is documented in `rs5m_ray.shards.reader`. A `backbone` detector has its
+own PIL transform, so with one (or a non-standard CLIP preprocess) each image is
+decoded once with PIL and fed to both transforms. The L2-normalised embedding is the
+`image_embedding` column (reused by the embedding near-dup stage), gives
 s_i = cos(embedding, mean prompt embedding) and, with the default `clip_head`
-detector, c_i. A `backbone` detector gets its own tensor from the same decoded image.
+detector, c_i.
 
 Prompt averaging (the paper does not say, notes §1.5): with `normalize_prompts`
 (default, open_clip's zero-shot convention) each prompt embedding is L2-normalised
@@ -28,10 +34,16 @@ from rs5m_ray.ledger import Accounted, mark_dropped
 from rs5m_ray.models.clip import ClipModel, load_clip
 from rs5m_ray.models.images import open_rgb
 from rs5m_ray.models.prompts import RS_PROMPTS
+from rs5m_ray.shards.reader import DRAFT_MARGIN, normalize, preprocess_batch
 from rs5m_ray.stages.rs_detector import load_detector
 from rs5m_ray.storage import Storage
 
 STAGE = "clip_score"
+NO_BYTES = "no image bytes"
+
+# A decoded chunk: CLIP input and backbone-detector input (or None) of the images that
+# decoded, in order, and one error per image of the chunk (None = decoded).
+Chunk = tuple[torch.Tensor, torch.Tensor | None, list[str | None]]
 
 
 def prompt_embedding(clip: ClipModel, prompts: list[str] | tuple[str, ...], normalize_each: bool) -> torch.Tensor:
@@ -54,43 +66,64 @@ class ClipScore:
         self.embed_dim = int(self.prompt.shape[0])
         if self.detector.kind == "clip_head":
             self.detector.check_embedder(cfg.clip_model, cfg.clip_pretrained, self.embed_dim)
+        # The fast path feeds CLIP only; a backbone detector needs PIL images anyway.
+        self.fast = self.clip.eval_transform if self.detector.kind == "clip_head" else None
         sizes = [self.clip.image_size] + ([self.detector.meta.arch["image_size"]]
                                           if self.detector.kind == "backbone" else [])
         self.decode_size = max(sizes)
         self.pool = ThreadPoolExecutor(max(1, cfg.decode_threads), thread_name_prefix="decode")
 
-    def _decode(self, data: bytes | None) -> tuple[torch.Tensor, torch.Tensor | None] | str:
-        """Model inputs for one image, or the reason it cannot be read."""
-        if not data:
-            return "no image bytes"
-        try:
-            img = open_rgb(data, self.decode_size, self.cfg.decode_draft)
-            det = self.detector.preprocess(img) if self.detector.preprocess else None
-            return self.clip.preprocess(img), det
-        except Exception as e:  # untrusted bytes: any decoder failure is this row's drop reason
-            return f"{type(e).__name__}: {e}"[:300]
+    def _decode_fast(self, data: list[bytes | None]) -> Chunk:
+        """uint8 CLIP pixels of a chunk (normalised later, on the model's device)."""
+        margin = DRAFT_MARGIN if self.cfg.decode_draft else None
+        pixels, errors = preprocess_batch([d or b"" for d in data], self.fast[0], margin)
+        errors = [NO_BYTES if not d else None if e is None else e[:300] for d, e in zip(data, errors)]
+        return pixels[[i for i, e in enumerate(errors) if e is None]], None, errors
+
+    def _decode_pil(self, data: list[bytes | None]) -> Chunk:
+        """Each image decoded once with PIL, then each model's own transform."""
+        clip_in, det_in, errors = [], [], []
+        for d in data:
+            if not d:
+                errors.append(NO_BYTES)
+                continue
+            try:
+                img = open_rgb(d, self.decode_size, self.cfg.decode_draft)
+                x = self.clip.preprocess(img)
+                det = self.detector.preprocess(img) if self.detector.preprocess else None
+            except Exception as e:  # untrusted bytes: any decoder failure is this row's drop reason
+                errors.append(f"{type(e).__name__}: {e}"[:300])
+                continue
+            clip_in.append(x)
+            det_in.append(det)
+            errors.append(None)
+        return (torch.stack(clip_in) if clip_in else torch.empty(0),
+                torch.stack(det_in) if det_in and det_in[0] is not None else None, errors)
+
+    def _forward(self, pixels: torch.Tensor, det_in: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings and detector probabilities of a chunk's decoded images."""
+        if self.fast:
+            _, mean, std = self.fast
+            pixels = normalize(pixels, self.clip.device, mean, std, self.clip.dtype)
+        e = self.clip.encode_images(pixels)
+        return e, self.detector.probs(e if det_in is None else det_in)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = len(batch)
-        decoded = [self.pool.submit(self._decode, b) for b in batch["jpg"].to_pylist()]
+        data = batch["jpg"].to_pylist()
+        step = max(1, self.cfg.forward_batch_size)
+        decode = self._decode_fast if self.fast else self._decode_pil
+        chunks = {start: self.pool.submit(decode, data[start:start + step]) for start in range(0, n, step)}
         emb = np.zeros((n, self.embed_dim), np.float32)
         scores = np.full(n, np.nan, np.float32)
         probs = np.full(n, np.nan, np.float32)
         errors: list[str | None] = [None] * n
-        step = max(1, self.cfg.forward_batch_size)
-        for start in range(0, n, step):
-            rows, clip_in, det_in = [], [], []
-            for i in range(start, min(n, start + step)):
-                result = decoded[i].result()  # later chunks keep decoding during this forward
-                if isinstance(result, str):
-                    errors[i] = result
-                else:
-                    rows.append(i)
-                    clip_in.append(result[0])
-                    det_in.append(result[1])
+        for start, future in chunks.items():
+            pixels, det_in, chunk_errors = future.result()  # later chunks keep decoding during this forward
+            errors[start:start + len(chunk_errors)] = chunk_errors
+            rows = [start + i for i, err in enumerate(chunk_errors) if err is None]
             if rows:
-                e = self.clip.encode_images(torch.stack(clip_in))
-                c = self.detector.probs(e if self.detector.kind == "clip_head" else torch.stack(det_in))
+                e, c = self._forward(pixels, det_in)
                 emb[rows], scores[rows], probs[rows] = e.numpy(), (e @ self.prompt).numpy(), c.numpy()
         failed = np.array([err is not None for err in errors])
         batch = batch.append_column("image_embedding", embedding_column(emb, failed))

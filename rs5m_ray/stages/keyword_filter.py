@@ -51,6 +51,8 @@ RS5M_KEYWORDS = GROUP1_RS_NOUNS + GROUP2_APPLICATIONS
 def _database(keywords: tuple[str, ...]) -> hyperscan.Database:
     # Built per process (not picklable, so never shipped with the stage). Block mode scratch is not
     # thread-safe: one scan at a time per process, as Ray's map_batches runs them.
+    if not keywords or not all(keywords):
+        raise ValueError(f"keywords must be non-empty strings, got {keywords!r}")
     database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
     database.compile(expressions=[k.encode() for k in keywords], ids=list(range(len(keywords))),
                      flags=hyperscan.HS_FLAG_CASELESS, literal=True)
@@ -96,7 +98,8 @@ def matched_keywords(captions: pa.Array | pa.ChunkedArray, keywords) -> pa.Array
     rows, kids = keyword_occurrences(captions, keywords)
     pairs = np.unique(rows * len(keywords) + kids)  # sorted by row, then keyword order
     hit_rows, first = np.unique(pairs // len(keywords), return_index=True)
-    joined = ["|".join(keywords[k] for k in ks) for ks in np.split(pairs % len(keywords), first[1:])] if len(pairs) else []
+    per_row = np.split(pairs % len(keywords), first[1:]) if len(pairs) else []
+    joined = ["|".join(keywords[k] for k in ks) for ks in per_row]
     mask = np.zeros(len(captions), bool)
     mask[hit_rows] = True
     return pc.replace_with_mask(pa.nulls(len(captions), pa.string()), pa.array(mask), pa.array(joined, pa.string()))
