@@ -13,6 +13,7 @@ import yaml
 
 SPEC_KEYS = {"entrypoint", "runtime_env", "entrypoint_num_cpus", "entrypoint_num_gpus", "metadata"}
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+AGENT_WAIT_S = 120
 
 
 def load_job_spec(path: str) -> dict:
@@ -31,7 +32,17 @@ def submit_job(address: str, spec_path: str, wait: bool = False, timeout_s: floa
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(**load_job_spec(spec_path))
+    spec = load_job_spec(spec_path)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            job_id = client.submit_job(**spec)
+            break
+        except RuntimeError as e:
+            # A head that has just started answers before its job agent is up; it says to try again.
+            if "try again later" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
     if wait:
         deadline = time.monotonic() + timeout_s
         while str(client.get_job_status(job_id)).split(".")[-1] not in TERMINAL:
