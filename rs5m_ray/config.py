@@ -67,7 +67,6 @@ class UrlDedupConfig:
 
 @dataclass
 class DownloadConfig:
-    enabled: bool = True
     concurrency_per_task: int = 64  # in-flight requests per worker
     timeout_s: float = 10.0  # whole request, per attempt
     connect_timeout_s: float = 5.0

@@ -50,3 +50,15 @@ def test_cli_has_a_subcommand_per_job():
         assert cmd in out.stdout
     args = build_parser().parse_args(["pub11", "--config", "jobs/pub11-local.yaml"])
     assert args.config == "jobs/pub11-local.yaml"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({}, "detector_checkpoint is required"),
+    ({"scoring": {"detector_checkpoint": "d"}, "decode": {"phash": False}}, "needs decode.phash"),
+    ({"scoring": {"enabled": False}, "near_dup": {"phash_enabled": False}}, "needs scoring.enabled"),
+])
+def test_inconsistent_pipeline_configs_are_refused_before_any_work(overrides, message):
+    from rs5m_ray.pipelines.pub11 import check
+
+    with pytest.raises(ConfigError, match=message):
+        check(load_config(overrides=overrides))

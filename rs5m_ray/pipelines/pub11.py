@@ -7,7 +7,6 @@ ingest -> keyword filter -> URL dedup -> download -> decode/validate (+pHash)
 from __future__ import annotations
 
 import json
-import logging
 import os
 
 import ray
@@ -30,9 +29,6 @@ from rs5m_ray.stages.near_dup import apply_phash_dedup
 from rs5m_ray.stages.quantile import apply_quantile_filter
 from rs5m_ray.stages.url_dedup import BUCKET, add_url_bucket, dedup_urls
 from rs5m_ray.storage import Storage, join
-
-log = logging.getLogger(__name__)
-
 
 def init_ray(cfg: PipelineConfig) -> None:
     """Join `ray.address` (or RAY_ADDRESS, as under Ray Jobs); else start a local instance."""
@@ -109,9 +105,17 @@ STAGES = ["ingest", "keyword_filter", "url_dedup", "download", "decode", "phash_
           "embedding_dedup", "quantile_filter"]
 
 
-def run(cfg: PipelineConfig) -> dict:
+def check(cfg: PipelineConfig) -> None:
     if cfg.scoring.enabled and not cfg.scoring.detector_checkpoint:
         raise ConfigError("scoring.detector_checkpoint is required (train one with `rs5m train-detector`)")
+    if cfg.near_dup.phash_enabled and not cfg.decode.phash:
+        raise ConfigError("near_dup.phash_enabled needs decode.phash (the hash is computed in the decode pass)")
+    if cfg.near_dup.embedding_enabled and not cfg.scoring.enabled:
+        raise ConfigError("near_dup.embedding_enabled needs scoring.enabled (embeddings come from the CLIP pass)")
+
+
+def run(cfg: PipelineConfig) -> dict:
+    check(cfg)
     storage = Storage(cfg.storage)
     init_ray(cfg)
     claim_output(cfg, storage)
