@@ -9,7 +9,10 @@ random CLIP model mean nothing; the demo shows the machinery, not a dataset.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+
+import ray.data
 
 from rs5m_ray.config import load_config
 from rs5m_ray.pipelines import pub11
@@ -19,8 +22,18 @@ from rs5m_ray.storage import Storage
 from rs5m_ray.train.detector import ensure_detector
 
 
+def quiet_ray_data() -> None:
+    """A short console: the demo prints its own summary; Ray's logs stay in /tmp/ray."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def run_demo(out: str, rows_per_source: int = 60) -> int:
     out = os.path.abspath(out)
+    quiet_ray_data()
     input_dir = os.path.join(out, "input")
     os.makedirs(os.path.join(input_dir, "images"), exist_ok=True)
     with ImageServer(directory=os.path.join(input_dir, "images")) as server:
