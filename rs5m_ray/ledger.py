@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import time
 from typing import Any, Callable
 
@@ -24,6 +25,7 @@ from rs5m_ray.storage import Storage, join
 
 DROP_REASON = "drop_reason"
 DROP_DETAIL = "drop_detail"
+LEDGER_COUNTS = "rs5m_ledger_counts"
 LEDGER_COLUMNS = ["sample_id", "source", "url", "caption", "stage", DROP_REASON, DROP_DETAIL]
 STATS_SCHEMA = pa.schema(
     [("stage", pa.string()), ("source", pa.string()), ("rows_in", pa.int64()),
@@ -108,11 +110,28 @@ class Accounted:
 
 
 def write_ledger(storage: Storage, output: str, stage: str, key: str, rows: pa.Table) -> None:
+    """Dropped rows, with their counts per source and reason in the file footer (the report
+    reads only footers: a keyword stage's ledger holds nearly every input row)."""
     n = len(rows)
     cols = {c: rows[c] if c in rows.column_names else pa.nulls(n, pa.string()) for c in LEDGER_COLUMNS if c != "stage"}
-    cols["stage"] = pa.array([stage] * n, pa.string())
+    cols["stage"] = pa.repeat(stage, n)
     table = pa.table({c: pc.cast(cols[c], pa.string()) for c in LEDGER_COLUMNS})
+    reasons = pc.replace_substring_regex(table[DROP_REASON], ":.*", "")  # near_dup_of:<id> -> near_dup_of
+    counts = pa.table({"source": table["source"], "reason": reasons}).group_by(["source", "reason"]).aggregate(
+        [([], "count_all")]).to_pylist()
+    table = table.replace_schema_metadata({LEDGER_COUNTS: json.dumps(counts)})
     write_parquet(storage, join(output, "ledger", stage, f"{key}.parquet"), table)
+
+
+def ledger_counts(storage: Storage, output: str) -> list[dict]:
+    """(stage, source, reason, count) of every ledger file, from the footers alone."""
+    counts = []
+    for path in storage.glob(join(output, "ledger", "**", "*.parquet")):
+        with storage.open(path) as f:
+            meta = pq.read_schema(f).metadata or {}
+        stage = path.rstrip("/").split("/")[-2]
+        counts += [{"stage": stage, **c} for c in json.loads(meta[LEDGER_COUNTS.encode()])]
+    return counts
 
 
 def write_stats(storage: Storage, output: str, stage: str, key: str, batch: pa.Table,

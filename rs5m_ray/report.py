@@ -9,14 +9,13 @@ from collections import defaultdict
 
 import pyarrow.compute as pc
 
-from rs5m_ray.ledger import read_parquet_dir
+from rs5m_ray.ledger import ledger_counts, read_parquet_dir
 from rs5m_ray.storage import Storage, join
 
 
 def build_report(output: str, storage: Storage, stages: list[str], shards_dir: str,
                  extra: dict | None = None) -> dict:
     stats = read_parquet_dir(storage, join(output, "stats"))
-    ledger = read_parquet_dir(storage, join(output, "ledger"))
     hits = read_parquet_dir(storage, join(output, "keyword_hits"))
     manifest = json.loads(storage.read_bytes(join(shards_dir, "manifest.json")))
 
@@ -39,12 +38,9 @@ def build_report(output: str, storage: Storage, stages: list[str], shards_dir: s
 
     drop_reasons: dict[str, int] = defaultdict(int)
     dropped_by_source: dict[str, int] = defaultdict(int)
-    if ledger is not None:
-        for r in ledger.group_by(["stage", "drop_reason"]).aggregate([([], "count_all")]).to_pylist():
-            key = r["drop_reason"].split(":", 1)[0]
-            drop_reasons[f"{r['stage']}/{key}"] += r["count_all"]
-        for r in ledger.group_by("source").aggregate([([], "count_all")]).to_pylist():
-            dropped_by_source[r["source"]] = r["count_all"]
+    for c in ledger_counts(storage, output):
+        drop_reasons[f"{c['stage']}/{c['reason']}"] += c["count_all"]
+        dropped_by_source[c["source"]] += c["count_all"]
 
     kept_by_source: dict[str, int] = defaultdict(int)
     for shard in manifest["shards"]:

@@ -13,6 +13,7 @@ import os
 import re
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -156,7 +157,7 @@ def canonicalize(raw: pa.Table, adapter: SourceAdapter, stem: str, first_row: in
                  max_caption_bytes: int) -> pa.Table:
     """Map a raw batch to the canonical schema; unusable rows get a drop reason."""
     n = len(raw)
-    rows = pa.array(range(first_row, first_row + n), pa.int64())
+    rows = pa.array(np.arange(first_row, first_row + n, dtype=np.int64))
     sample_id = pc.binary_join_element_wise(f"{adapter.name}_{stem}", pc.cast(rows, pa.string()), "_")
     url, url_ok = _as_text(raw[adapter.url_column])
     captions = [_as_text(raw[c]) for c in adapter.caption_columns if c in raw.column_names]
@@ -193,11 +194,11 @@ def _as_text(col: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
     """The column as UTF-8 strings and a mask of rows that were valid UTF-8."""
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-        return pc.cast(col, pa.string()), pa.array([True] * len(col))
+        return pc.cast(col, pa.string()), _all_valid(len(col))
     if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)):
-        return pc.cast(col, pa.string()), pa.array([True] * len(col))
+        return pc.cast(col, pa.string()), _all_valid(len(col))
     try:
-        return pc.cast(col, pa.string()), pa.array([True] * len(col))
+        return pc.cast(col, pa.string()), _all_valid(len(col))
     except pa.ArrowInvalid:
         # Rare path: find the invalid rows in Python, keep them (replaced) for the ledger.
         values, ok = [], []
@@ -209,6 +210,10 @@ def _as_text(col: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
                 values.append(b.decode("utf-8", errors="replace"))
                 ok.append(False)
         return pa.array(values, pa.string()), pa.array(ok)
+
+
+def _all_valid(n: int) -> pa.Array:
+    return pa.array(np.ones(n, dtype=bool))
 
 
 def _all(masks) -> pa.Array:
