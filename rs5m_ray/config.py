@@ -192,6 +192,48 @@ class PipelineConfig:
     shards: ShardConfig = field(default_factory=ShardConfig)
 
 
+@dataclass
+class TrainConfig:
+    """GeoRSCLIP: fine-tune an open_clip model on RS5M shards with Ray Train (notes §4.2).
+
+    Defaults are the paper's main run (AdamW, lr 1e-6, weight decay 0.5, cosine schedule,
+    AMP, global batch 700, 20 epochs) except the model: a tiny random test config here;
+    the paper's is `ViT-B-32` from `openai`.
+    """
+
+    output: str = "runs/georsclip"  # Ray Train storage (local or s3://): checkpoints in <output>/<name>/
+    name: str = "georsclip"  # rerunning the same output + name resumes from its latest checkpoint
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    clip_model: str = "rs5m-tiny-vit"
+    clip_pretrained: str | None = None  # as scoring.clip_pretrained: a tag, path, s3://, hf-hub:
+    weights_cache_dir: str | None = None
+    strict_weights: bool = True
+    train_shards: list[str] = field(default_factory=list)  # brace patterns, globs or dirs (local or s3://)
+    val_shards: list[str] = field(default_factory=list)
+    # Samples one epoch covers; None = the sum of the train shards' manifests (rs5m pub11 writes them).
+    samples_per_epoch: int | None = None
+    epochs: int = 20
+    batch_size: int = 700  # global: split evenly over the workers; the contrastive loss sees all of it
+    lr: float = 1e-6
+    weight_decay: float = 0.5  # not applied to gains, biases, embeddings' scales or logit_scale
+    warmup_steps: int = 0
+    max_grad_norm: float | None = None
+    precision: str = "auto"  # autocast dtype: auto = bf16 on GPU, fp32 on CPU; or fp32 | bf16
+    augment: bool = False  # random flips and 90-degree rotations (RS imagery has no "up")
+    peft: str = "none"  # none = full fine-tuning of both towers | lora = frozen CLIP + LoRA
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    lora_targets: list[str] | None = None  # weight-name suffixes; None = attention projections
+    num_workers: int = 1  # Ray Train workers (one per GPU)
+    use_gpu: bool = False
+    cpus_per_worker: int = 2  # decode + preprocessing run in this many loader processes
+    shuffle_buffer: int = 10_000
+    max_failures: int = 3  # worker failures survived by restarting from the latest checkpoint
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+
 class ConfigError(ValueError):
     pass
 
@@ -232,12 +274,13 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Load a PipelineConfig from YAML, then apply nested `overrides`."""
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                cls: type = PipelineConfig) -> Any:
+    """Load a `cls` (the PUB11 job's PipelineConfig by default) from YAML, then apply nested `overrides`."""
     data: dict[str, Any] = {}
     if path is not None:
         data = yaml.safe_load(Path(path).read_text()) or {}
-    return from_dict(PipelineConfig, _merge(data, overrides or {}))
+    return from_dict(cls, _merge(data, overrides or {}))
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The whole PUB11 job, as `rs5m demo` runs it: loopback HTTP images, local Ray, tiny models."""
+"""The whole PUB11 job then GeoRSCLIP fine-tuning, as `rs5m demo` runs them: loopback HTTP images,
+local Ray, tiny models."""
 import io
 import json
 
@@ -6,6 +7,8 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
+from rs5m_ray.config import ScoringConfig
+from rs5m_ray.models.clip import load_clip
 from rs5m_ray.pipelines.demo import run_demo
 
 
@@ -37,10 +40,17 @@ def test_demo_end_to_end_then_resume(tmp_path, sort_shuffle, capsys):
     assert all(s["img_content"].size[0] > 0 and s["caption"] for s in samples)
     side = pq.read_table(tars[0].replace(".tar", ".parquet"))
     assert {"clip_score", "rs_prob", "phash", "sha256", "width", "height", "keywords"} <= set(side.column_names)
+    # Then GeoRSCLIP fine-tuning on those shards: a checkpoint per epoch, each an open_clip state dict.
+    tuned = sorted((out / "georsclip").glob("checkpoint_*/model.pt"))
+    assert len(tuned) == 2
+    load_clip(ScoringConfig(clip_pretrained=str(tuned[-1])))  # strict: every key of the architecture
 
     before = {p: open(p, "rb").read() for p in tars}
     assert run_demo(str(out), rows_per_source=24) == 0
     rerun = json.loads((run / "report.json").read_text())
     assert rerun["shard_run"]["written"] == 0 and rerun["shard_run"]["skipped"] == len(tars)
     assert {p: open(p, "rb").read() for p in tars} == before
-    assert "accounting (input = kept + dropped, per source): balanced" in capsys.readouterr().out
+    assert len(list((out / "georsclip").glob("checkpoint_*/model.pt"))) == 2  # training was complete: resumed, no epoch
+    printed = capsys.readouterr().out
+    assert "accounting (input = kept + dropped, per source): balanced" in printed
+    assert "GeoRSCLIP fine-tuning (Ray Train, 2 workers, tiny random CLIP): 2 epochs" in printed

@@ -7,15 +7,14 @@ ingest -> keyword filter -> URL dedup -> download -> decode/validate (+pHash)
 from __future__ import annotations
 
 import json
-import os
 
 import ray
 import ray.data
-from ray.data.context import ShuffleStrategy
 
 from rs5m_ray.config import ConfigError, PipelineConfig, to_dict
 from rs5m_ray.ledger import Accounted
 from rs5m_ray.dedup_index import index_for
+from rs5m_ray.ray_runtime import init_ray
 from rs5m_ray.report import build_report
 from rs5m_ray.shards.writer import SHARD, ShardWriter, assign_shards, shard_counts, write_manifest
 from rs5m_ray.sources.ingest import IngestFiles, list_inputs
@@ -29,15 +28,6 @@ from rs5m_ray.stages.near_dup import apply_phash_dedup
 from rs5m_ray.stages.quantile import apply_quantile_filter
 from rs5m_ray.stages.url_dedup import BUCKET, add_url_bucket, dedup_urls
 from rs5m_ray.storage import Storage, join
-
-def init_ray(cfg: PipelineConfig) -> None:
-    """Join `ray.address` (or RAY_ADDRESS, as under Ray Jobs); else start a local instance."""
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local", num_cpus=cfg.ray.num_cpus,
-                 object_store_memory=cfg.ray.object_store_memory, include_dashboard=False, log_to_driver=False)
-    if cfg.ray.shuffle_strategy:
-        ray.data.DataContext.get_current().shuffle_strategy = ShuffleStrategy(cfg.ray.shuffle_strategy)
-
 
 # Everything a run writes besides its shards: recomputed whole by every (re)run.
 SIDE_OUTPUTS = ("ledger", "stats", "keyword_hits", "errors", "quantile_filter.json", "report.json", "report.png")
@@ -117,7 +107,7 @@ def check(cfg: PipelineConfig) -> None:
 def run(cfg: PipelineConfig) -> dict:
     check(cfg)
     storage = Storage(cfg.storage)
-    init_ray(cfg)
+    init_ray(cfg.ray)
     claim_output(cfg, storage)
     files = list_inputs(cfg.ingest, storage)
     ds = ray.data.from_items(files, override_num_blocks=len(files))
