@@ -1,10 +1,14 @@
 """GeoRSCLIP fine-tuning: LoRA, augmentation, epoch sizing, and real Ray Train DDP runs
-(2 workers on CPU, gloo) that learn, checkpoint, resume, and write to S3."""
+(2 workers on CPU, gloo) that learn, checkpoint, resume, survive a killed worker, and write to S3."""
 from __future__ import annotations
 
 import io
 import json
 import math
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +192,43 @@ def test_lora_finetuning_on_s3_changes_only_the_adapted_weights(ray_cluster, s3_
                        weights_only=True)
     assert state["epoch"] == 1 and all(k.endswith((".lora_A", ".lora_B")) for k in state["weights"])
     assert math.isfinite(result["metrics"]["train_loss"])
+
+
+def registered_checkpoints(run_dir: Path) -> list:
+    try:
+        return json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"]
+    except (OSError, ValueError):  # not written yet, or being written
+        return []
+
+
+def train_worker_pids() -> list[int]:
+    """Processes of Ray Train workers (Ray titles an actor's process `ray::<class>...`)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_killed_worker_restarts_the_group_from_the_latest_checkpoint(ray_cluster, tmp_path):
+    storage = Storage()
+    train = write_colour_shards(str(tmp_path / "shards"), storage, "train", 2, 64)
+    cfg = train_config(tmp_path / "out", train, [], epochs=4)
+    run_dir = tmp_path / "out" / "georsclip"
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(georsclip.run, cfg)
+        deadline = time.monotonic() + 300
+        # Kill once Ray Train has registered a checkpoint (a directory alone may still be uploading).
+        while not registered_checkpoints(run_dir) and time.monotonic() < deadline and not future.done():
+            time.sleep(0.2)
+        assert registered_checkpoints(run_dir), "no checkpoint before the deadline"
+        victims = train_worker_pids()
+        assert victims
+        os.kill(victims[0], signal.SIGKILL)
+        result = future.result(timeout=600)
+    assert result["metrics"]["epoch"] == 4 and result["metrics"]["steps"] == 4 * (128 // 16)
+    epochs = sorted(torch.load(p / "train_state.pt", weights_only=True)["epoch"] for p in checkpoints(run_dir))
+    assert epochs == [1, 2, 3, 4]  # each epoch checkpointed once: the restart resumed, it did not start over
