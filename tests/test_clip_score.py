@@ -78,7 +78,7 @@ def test_fast_preprocessing_matches_the_open_clip_pil_transform(head_checkpoint,
                 m.setattr(ClipModel, "eval_transform", property(lambda self: None))
             torch.manual_seed(1)  # the same random CLIP weights for both
             stage = ClipScore(ScoringConfig(detector_checkpoint=head_checkpoint, decode_draft=fast))
-            assert (stage.fast is not None) == fast
+            assert (stage.clip.eval_transform is not None) == fast
             out = stage(batch(data))
         assert out["drop_reason"].null_count == len(data)
         embeddings.append(np.array(out["image_embedding"].to_pylist(), np.float32))

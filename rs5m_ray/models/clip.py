@@ -16,7 +16,9 @@ import torch
 from PIL import Image
 
 from rs5m_ray.config import ScoringConfig
+from rs5m_ray.models.images import open_rgb
 from rs5m_ray.models.weights import LoadReport, load_weights, read_state_dict, resolve_weights
+from rs5m_ray.shards.reader import DRAFT_MARGIN, normalize, preprocess_batch
 from rs5m_ray.storage import Storage
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -71,8 +73,8 @@ class ClipModel:
     @property
     def eval_transform(self) -> tuple[int, tuple[float, ...], tuple[float, ...]] | None:
         """(size, mean, std) when `preprocess` is open_clip's standard eval transform (bicubic
-        resize of the shorter side, square centre crop, normalise), which
-        `shards.reader.preprocess_batch` + `normalize` reproduce faster; else None."""
+        resize of the shorter side, square centre crop, normalise), which the shard reader
+        reproduces faster (`decode_images`); else None."""
         cfg = getattr(self.model.visual, "preprocess_cfg", None) or {}
         size = cfg.get("size")
         sides = (size, size) if isinstance(size, int) else tuple(size or ())
@@ -81,9 +83,31 @@ class ClipModel:
             return None
         return int(sides[0]), tuple(cfg["mean"]), tuple(cfg["std"])
 
+    def decode_images(self, data: list[bytes], draft: bool = True) -> tuple[torch.Tensor, list[str | None]]:
+        """Model input of the images that decoded, in order, and one error per image (None = decoded).
+
+        With the standard eval transform: the shard reader's fast path, uint8 pixels that
+        `encode_images` normalises on the model's device; else PIL and `preprocess`.
+        `draft` lets libjpeg decode large JPEGs at a reduced scale.
+        """
+        if self.eval_transform:
+            pixels, errors = preprocess_batch(data, self.eval_transform[0], DRAFT_MARGIN if draft else None)
+            return pixels[[i for i, e in enumerate(errors) if e is None]], errors
+        decoded, errors = [], []
+        for d in data:
+            try:
+                decoded.append(self.preprocess(open_rgb(d, self.image_size, draft)))
+                errors.append(None)
+            except Exception as e:  # noqa: BLE001 - untrusted bytes: the caller records the error
+                errors.append(f"{type(e).__name__}: {e}")
+        return (torch.stack(decoded) if decoded else torch.empty(0, 3, self.image_size, self.image_size)), errors
+
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """L2-normalised float32 embeddings on CPU."""
+        """L2-normalised float32 embeddings on CPU, of normalised pixels or `decode_images`' uint8."""
+        if pixels.dtype == torch.uint8:
+            _, mean, std = self.eval_transform
+            pixels = normalize(pixels, self.device, mean, std, self.dtype)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         x = pixels.to(self.device, self.dtype, non_blocking=True, memory_format=fmt)
         return self._encode_image(x).float().cpu()

@@ -1,13 +1,12 @@
 """The one CLIP image pass: embedding, VLM score s_i and RS-detector probability c_i.
 
 Images are decoded in a thread pool, one chunk of `forward_batch_size` per task, so
-later chunks decode while the model runs on the current one. When the CLIP model's
-preprocess is open_clip's standard eval transform, the chunk goes through the shard
-reader's fast path (`preprocess_batch`: reduced-scale JPEG decode, vectorised resize,
-uint8) and is normalised on the model's device; its tolerance against the PIL
-transform is documented in `rs5m_ray.shards.reader`. A `backbone` detector has its
-own PIL transform, so with one (or a non-standard CLIP preprocess) each image is
-decoded once with PIL and fed to both transforms. The L2-normalised embedding is the
+later chunks decode while the model runs on the current one. With the default
+`clip_head` detector the chunk is decoded for CLIP alone (`ClipModel.decode_images`:
+the shard reader's fast path when the model's preprocess is open_clip's standard eval
+transform; its tolerance is documented in `rs5m_ray.shards.reader`). A `backbone`
+detector has its own PIL transform, so with one each image is decoded once with PIL
+and fed to both transforms. The L2-normalised embedding is the
 `image_embedding` column (reused by the embedding near-dup stage), gives
 s_i = cos(embedding, mean prompt embedding) and, with the default `clip_head`
 detector, c_i.
@@ -34,7 +33,6 @@ from rs5m_ray.ledger import Accounted, mark_dropped
 from rs5m_ray.models.clip import ClipModel, load_clip
 from rs5m_ray.models.images import open_rgb
 from rs5m_ray.models.prompts import RS_PROMPTS
-from rs5m_ray.shards.reader import DRAFT_MARGIN, normalize, preprocess_batch
 from rs5m_ray.stages.rs_detector import load_detector
 from rs5m_ray.storage import Storage
 
@@ -66,19 +64,15 @@ class ClipScore:
         self.embed_dim = int(self.prompt.shape[0])
         if self.detector.kind == "clip_head":
             self.detector.check_embedder(cfg.clip_model, cfg.clip_pretrained, self.embed_dim)
-        # The fast path feeds CLIP only; a backbone detector needs PIL images anyway.
-        self.fast = self.clip.eval_transform if self.detector.kind == "clip_head" else None
+        self.shared_decode = self.detector.kind == "backbone"  # it needs PIL images: decode once for both
         sizes = [self.clip.image_size] + ([self.detector.meta.arch["image_size"]]
                                           if self.detector.kind == "backbone" else [])
         self.decode_size = max(sizes)
         self.pool = ThreadPoolExecutor(max(1, cfg.decode_threads), thread_name_prefix="decode")
 
-    def _decode_fast(self, data: list[bytes | None]) -> Chunk:
-        """uint8 CLIP pixels of a chunk (normalised later, on the model's device)."""
-        margin = DRAFT_MARGIN if self.cfg.decode_draft else None
-        pixels, errors = preprocess_batch([d or b"" for d in data], self.fast[0], margin)
-        errors = [NO_BYTES if not d else None if e is None else e[:300] for d, e in zip(data, errors)]
-        return pixels[[i for i, e in enumerate(errors) if e is None]], None, errors
+    def _decode_for_clip(self, data: list[bytes | None]) -> Chunk:
+        pixels, errors = self.clip.decode_images([d or b"" for d in data], self.cfg.decode_draft)
+        return pixels, None, [NO_BYTES if not d else None if e is None else e[:300] for d, e in zip(data, errors)]
 
     def _decode_pil(self, data: list[bytes | None]) -> Chunk:
         """Each image decoded once with PIL, then each model's own transform."""
@@ -102,9 +96,6 @@ class ClipScore:
 
     def _forward(self, pixels: torch.Tensor, det_in: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings and detector probabilities of a chunk's decoded images."""
-        if self.fast:
-            _, mean, std = self.fast
-            pixels = normalize(pixels, self.clip.device, mean, std, self.clip.dtype)
         e = self.clip.encode_images(pixels)
         return e, self.detector.probs(e if det_in is None else det_in)
 
@@ -112,7 +103,7 @@ class ClipScore:
         n = len(batch)
         data = batch["jpg"].to_pylist()
         step = max(1, self.cfg.forward_batch_size)
-        decode = self._decode_fast if self.fast else self._decode_pil
+        decode = self._decode_pil if self.shared_decode else self._decode_for_clip
         chunks = {start: self.pool.submit(decode, data[start:start + step]) for start in range(0, n, step)}
         emb = np.zeros((n, self.embed_dim), np.float32)
         scores = np.full(n, np.nan, np.float32)

@@ -25,7 +25,6 @@ from torch import nn
 from rs5m_ray.config import ScoringConfig
 from rs5m_ray.models.clip import load_clip
 from rs5m_ray.models.images import open_rgb
-from rs5m_ray.shards.reader import normalize, preprocess_batch
 from rs5m_ray.stages.rs_detector import DetectorMeta, backbone_transform, build_module, latest_version, save_detector
 from rs5m_ray.storage import Storage, join
 
@@ -148,14 +147,9 @@ def _embed(clip, data: list[bytes], chunk: int = 64) -> torch.Tensor:
     """Embeddings from the same preprocessing the scoring stage uses, so the head sees what it will score."""
     out = []
     for i in range(0, len(data), chunk):
-        if clip.eval_transform:
-            size, mean, std = clip.eval_transform
-            uint8, errors = preprocess_batch(data[i:i + chunk], size)
-            if any(errors):
-                raise ValueError(f"undecodable training image: {next(e for e in errors if e)}")
-            pixels = normalize(uint8, clip.device, mean, std, clip.dtype)
-        else:
-            pixels = torch.stack([clip.preprocess(open_rgb(d, clip.image_size)) for d in data[i:i + chunk]])
+        pixels, errors = clip.decode_images(data[i:i + chunk])
+        if any(errors):
+            raise ValueError(f"undecodable training image: {next(e for e in errors if e)}")
         out.append(clip.encode_images(pixels))
     return torch.cat(out)
 
