@@ -27,6 +27,9 @@ DROP_REASON = "drop_reason"
 DROP_DETAIL = "drop_detail"
 LEDGER_COUNTS = "rs5m_ledger_counts"
 LEDGER_COLUMNS = ["sample_id", "source", "url", "caption", "stage", DROP_REASON, DROP_DETAIL]
+# Reasons that drop nearly every input row: their ledger rows keep no caption (the bulk of
+# the bytes); sample_id (<source>_<file stem>_<row>) still locates the row in its input file.
+CAPTIONLESS_REASONS = ["keyword_miss"]
 STATS_SCHEMA = pa.schema(
     [("stage", pa.string()), ("source", pa.string()), ("rows_in", pa.int64()),
      ("rows_out", pa.int64()), ("seconds", pa.float64())]
@@ -115,6 +118,8 @@ def write_ledger(storage: Storage, output: str, stage: str, key: str, rows: pa.T
     n = len(rows)
     cols = {c: rows[c] if c in rows.column_names else pa.nulls(n, pa.string()) for c in LEDGER_COLUMNS if c != "stage"}
     cols["stage"] = pa.repeat(stage, n)
+    cols["caption"] = pc.if_else(pc.is_in(cols[DROP_REASON], pa.array(CAPTIONLESS_REASONS)), None,
+                                 pc.cast(cols["caption"], pa.string()))
     table = pa.table({c: pc.cast(cols[c], pa.string()) for c in LEDGER_COLUMNS})
     reasons = pc.replace_substring_regex(table[DROP_REASON], ":.*", "")  # near_dup_of:<id> -> near_dup_of
     counts = pa.table({"source": table["source"], "reason": reasons}).group_by(["source", "reason"]).aggregate(

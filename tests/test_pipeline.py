@@ -33,6 +33,10 @@ def test_demo_end_to_end_then_resume(tmp_path, sort_shuffle, capsys):
             "low_clip_score", "not_rs"} <= reasons
     assert report["keyword_hits"]["aerial view"] > 0
     assert (run / "report.png").read_bytes()[:4] == b"\x89PNG"
+    misses = pq.read_table(run / "ledger" / "keyword_filter")  # located by sample_id, caption not kept
+    assert len(misses) == report["funnel"]["keyword_filter"]["rows_in"] - report["funnel"]["keyword_filter"]["rows_out"]
+    assert misses["caption"].null_count == len(misses) and misses["sample_id"].null_count == 0
+    assert pq.read_table(run / "ledger" / "quantile_filter")["caption"].null_count == 0
 
     tars = sorted(str(p) for p in (run / "shards").glob("pub11-*.tar"))
     samples = list(wds.WebDataset(tars, shardshuffle=False).decode(rs5m_decoder))
