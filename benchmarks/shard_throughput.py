@@ -6,7 +6,8 @@ Generates shards in the RS5M layout (PUB11 image-size distribution, and BigEarth
       ViT-B/32 eval preprocess) in a torch DataLoader, one worker per core;
   (b) ours: rs5m_ray.shards.reader.ShardReader in make_loader, same workers, same
       shuffle buffer and batch size, plus normalize() so both end in CLIP tensors;
-  (c) ceiling: tar read + PIL full decode to RGB, nothing else, same workers.
+  (c) ceiling: tar read + full-size decode to RGB with our decoder (libjpeg-turbo via
+      simplejpeg), nothing else, same workers.
 It also measures how far our tensors are from the reference's (see `fidelity`).
 
     .venv/bin/python benchmarks/shard_throughput.py            # ~3-4 min on 2 cores
@@ -27,6 +28,7 @@ from statistics import NormalDist
 
 import numpy as np
 import open_clip
+import simplejpeg
 import torch
 import webdataset as wds
 from PIL import Image
@@ -107,7 +109,7 @@ def reference_loader(urls: list[str], workers: int, batch_size: int, shuffle: in
 
 
 class DecodeOnly(IterableDataset):
-    """The physical ceiling: the same tar reading as ours, then a full PIL decode, nothing else."""
+    """The physical ceiling: the same tar reading and JPEG decoder as ours, at full size, nothing else."""
 
     def __init__(self, urls: list[str], storage: Storage, report_every: int):
         self.reader = ShardReader(urls, storage, shuffle_buffer=0, shuffle_shards=False)
@@ -116,7 +118,7 @@ class DecodeOnly(IterableDataset):
     def __iter__(self):
         n = 0
         for sample in self.reader.samples():
-            Image.open(io.BytesIO(sample["img_content"])).convert("RGB")
+            simplejpeg.decode_jpeg(sample["img_content"], "RGB")
             n += 1
             if n == self.report_every:
                 yield n

@@ -230,5 +230,6 @@ def test_a_killed_worker_restarts_the_group_from_the_latest_checkpoint(ray_clust
         os.kill(victims[0], signal.SIGKILL)
         result = future.result(timeout=600)
     assert result["metrics"]["epoch"] == 4 and result["metrics"]["steps"] == 4 * (128 // 16)
-    epochs = sorted(torch.load(p / "train_state.pt", weights_only=True)["epoch"] for p in checkpoints(run_dir))
-    assert epochs == [1, 2, 3, 4]  # each epoch checkpointed once: the restart resumed, it did not start over
+    # Each epoch registered once: the restart resumed, it did not start over. (A checkpoint the killed
+    # group uploaded but never registered may be left on disk; Ray Train ignores it, and so does resuming.)
+    assert [c["metrics"]["epoch"] for c in registered_checkpoints(run_dir)] == [1, 2, 3, 4]

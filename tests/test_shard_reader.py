@@ -59,9 +59,10 @@ def test_same_tensors_as_reference_within_tolerance(tmp_path):
     sizes = [bench.pub11_size(rng) for _ in range(6)] + [(1800, 1300), (260, 1500), (120, 120), (100, 80),
                                                          (224, 224), (449, 300)]
     images = [bench.synthetic_jpeg(i, s) for i, s in enumerate(sizes)]
-    gray = io.BytesIO()
+    gray, png = io.BytesIO(), io.BytesIO()
     Image.open(io.BytesIO(images[0])).convert("L").save(gray, "JPEG")
-    images.append(gray.getvalue())
+    Image.open(io.BytesIO(images[1])).save(png, "PNG")  # not a JPEG: PIL decodes it
+    images += [gray.getvalue(), png.getvalue()]
     storage = Storage()
     url = join(str(tmp_path), shard_name("pub11", "train", 0))
     members = [m for i, b in enumerate(images) for m in sample_members(f"laion2b_0_{i}", b, "c", {})]

@@ -2,11 +2,12 @@
 
 Gives the tensors of the CLIP eval transform (Resize(S) bicubic on the shorter side,
 CenterCrop(S), RGB, ToTensor, Normalize) that RS5M's `dataloader.py` applies, but
-cheaper: a JPEG that keeps at least twice the target's pixels per side at a reduced
-DCT scale is decoded at that scale, the resize is torch's vectorised uint8 antialiased bicubic (PIL's kernel) and the crop a
-view, batches stay uint8 in one preallocated shared-memory tensor, and `normalize`
-runs on the accelerator. Tar members are parsed directly, and shards stream from
-local disk or S3 through a read-ahead thread.
+cheaper: libjpeg-turbo (simplejpeg) decodes JPEGs straight into an array, at a reduced
+DCT scale when that keeps at least twice the target's pixels per side; the resize is
+torch's vectorised uint8 antialiased bicubic (PIL's kernel) and the crop a view;
+batches stay uint8 in one shared-memory tensor per batch, and `normalize` runs on the
+accelerator. Tar members are parsed directly, and shards stream from local disk or S3
+through a read-ahead thread.
 
 Tolerance against the reference, in 8-bit levels of the input (asserted in
 tests/test_shard_reader.py, measured on PUB11-sized images by benchmarks/shard_throughput.py):
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import io
 import logging
+import math
+import multiprocessing
 import os
 import random
 from collections import Counter
@@ -28,6 +31,7 @@ from typing import Iterable, Iterator
 
 import braceexpand
 import numpy as np
+import simplejpeg
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -42,7 +46,8 @@ log = logging.getLogger(__name__)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # A JPEG is decoded at a reduced DCT scale only while it keeps at least this many
-# source pixels per output pixel along each side (so ~5% of PUB11 images, the costliest).
+# source pixels per output pixel along each side (so ~7% of PUB11 images, the costliest).
+# Lower margins break the tolerance below (1.5: worst image mean 0.96 levels; 1.0: 2.5).
 DRAFT_MARGIN = 2.0
 
 
@@ -73,22 +78,34 @@ def _reference_geometry(w: int, h: int, size: int) -> tuple[int, int, int, int]:
     return new_w, new_h, int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
 
 
+def _decode_rgb(data: bytes, size: int, draft_margin: float | None) -> tuple[np.ndarray, int, int]:
+    """HWC uint8 RGB pixels and the image's full (width, height).
+
+    libjpeg-turbo decodes a JPEG straight into an array, at a DCT scale of 1/2 or less
+    when that keeps `draft_margin` x the resized image's pixels per side. Anything else,
+    and JPEGs it decodes only with warnings, go to PIL like in the reference (which
+    accepts warnings but not truncation).
+    """
+    try:
+        h, w = simplejpeg.decode_jpeg_header(data)[:2]
+        new_w, new_h, _, _ = _reference_geometry(w, h, size)
+        reduce = {} if draft_margin is None else {
+            "min_width": int(new_w * draft_margin), "min_height": int(new_h * draft_margin), "min_factor": 2}
+        return simplejpeg.decode_jpeg(data, "RGB", **reduce), w, h
+    except ValueError:
+        img = Image.open(io.BytesIO(data))
+        return np.array(img if img.mode == "RGB" else img.convert("RGB")), *img.size
+
+
 def preprocess(data: bytes, size: int = 224, draft_margin: float | None = DRAFT_MARGIN) -> torch.Tensor:
     """Encoded image -> uint8 CHW RGB tensor [3, size, size] of the CLIP eval transform.
 
     The resize is torch's uint8 antialiased bicubic (PIL's kernel, vectorised); the
     crop is a view. `draft_margin=None` decodes at full size.
     """
-    img = Image.open(io.BytesIO(data))
-    w, h = img.size
+    pixels, w, h = _decode_rgb(data, size, draft_margin)
     new_w, new_h, left, top = _reference_geometry(w, h, size)
-    if draft_margin is not None:
-        # JPEG draft picks the largest DCT reduction whose result still covers the request
-        # (other formats ignore it).
-        img.draft("RGB", (int(new_w * draft_margin), int(new_h * draft_margin)))
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    chw = torch.from_numpy(np.array(img)).permute(2, 0, 1)  # a channels-last view of the pixels
+    chw = torch.from_numpy(pixels).permute(2, 0, 1)  # a channels-last view of the pixels
     resized = F.interpolate(chw[None], size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
     return resized[0, :, top:top + size, left:left + size]
 
@@ -148,6 +165,15 @@ class ReaderStats:
     shards: int = 0
     samples: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> count
+
+
+def _batch_buffer(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
+    """uint8 tensor; `shared` puts it in shared memory, handed to the main process as a
+    file descriptor, not copied. Allocated there directly, like default_collate does:
+    `share_memory_()` would first copy a private buffer into it."""
+    if not shared:
+        return torch.empty(shape, dtype=torch.uint8)
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(math.prod(shape))).view(shape)
 
 
 class ShardReader(IterableDataset):
@@ -237,9 +263,7 @@ class ShardReader(IterableDataset):
         reported: Counter = Counter()
         for sample in self.samples():
             if buf is None:
-                buf = torch.empty((bs, 3, size, size), dtype=torch.uint8)
-                if in_worker:  # handed to the main process as a file descriptor, not copied
-                    buf.share_memory_()
+                buf = _batch_buffer((bs, 3, size, size), shared=in_worker)
                 batch = {"caption": [], "img_name": [], "key": [], "json": []}
             if "img_content" not in sample or "caption" not in sample:
                 members = sorted(k for k in sample if not k.startswith("__"))
@@ -272,7 +296,15 @@ class ShardReader(IterableDataset):
 
 def make_loader(reader: ShardReader, num_workers: int = 4, pin_memory: bool = False,
                 prefetch_batches: int = 2) -> DataLoader:
-    """A DataLoader running `reader` in `num_workers` processes (batches come whole from the reader)."""
+    """A DataLoader running `reader` in `num_workers` processes (batches come whole from the reader).
+
+    The processes start from a fork server, not by forking the caller: a Ray worker runs many
+    threads, and a child forked while one of them holds a lock can hang forever.
+    """
+    context = None
+    if num_workers:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])  # the server imports torch and the reader once
     return DataLoader(reader, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       prefetch_factor=prefetch_batches if num_workers else None,
-                      persistent_workers=False)
+                      persistent_workers=False, multiprocessing_context=context)

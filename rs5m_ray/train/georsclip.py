@@ -21,6 +21,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -88,12 +89,12 @@ def flips_and_rotations(images: torch.Tensor, generator: torch.Generator) -> tor
                         for img, c in zip(images, code)])
 
 
-def endless_batches(reader: ShardReader, loader_workers: int, first_pass: int) -> Iterator[dict]:
+def endless_batches(reader: ShardReader, loader_workers: int, first_pass: int, pin_memory: bool) -> Iterator[dict]:
     """The reader's batches, pass after pass (each pass reshuffled)."""
     for n in itertools.count(first_pass):
         reader.set_epoch(n)
         empty = True
-        for batch in make_loader(reader, loader_workers):
+        for batch in make_loader(reader, loader_workers, pin_memory):
             empty = False
             yield batch
         if empty:
@@ -122,10 +123,10 @@ class Worker:
         self.model.train()
         self.ddp = ray.train.torch.prepare_model(self.model, move_to_device=False)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr)
-        self.steps_per_epoch = samples_per_epoch(cfg, self.storage) // cfg.batch_size
+        samples = samples_per_epoch(cfg, self.storage)
+        self.steps_per_epoch = samples // cfg.batch_size
         if self.steps_per_epoch < 1:
-            raise ConfigError(f"an epoch of {samples_per_epoch(cfg, self.storage)} samples is less than one "
-                              f"batch of {cfg.batch_size}")
+            raise ConfigError(f"an epoch of {samples} samples is less than one batch of {cfg.batch_size}")
         total = cfg.epochs * self.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: cosine_with_warmup(step, cfg.warmup_steps, total))
@@ -146,13 +147,18 @@ class Worker:
         images = normalize(batch["image"], self.device, self.mean, self.std)
         return images, self.tokenizer(batch["caption"]).to(self.device)
 
-    def train_epoch(self) -> float:
+    def train_epoch(self) -> dict[str, float]:
+        """One epoch; its mean loss, throughput, and the share of time spent waiting for batches."""
         batches = endless_batches(self._reader(self.cfg.train_shards, train=True), self.cfg.cpus_per_worker,
-                                  first_pass=self.epoch * PASSES_PER_EPOCH)
+                                  self.epoch * PASSES_PER_EPOCH, pin_memory=self.device.type == "cuda")
         augment = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 1_009 + self.rank)
-        loss_sum = 0.0
+        loss_sum = wait = 0.0
+        start = time.perf_counter()
         for _ in range(self.steps_per_epoch):
-            images, texts = self._inputs(next(batches))
+            fetch = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - fetch
+            images, texts = self._inputs(batch)
             if self.cfg.augment:
                 images = flips_and_rotations(images, augment)
             with self.autocast:
@@ -166,10 +172,13 @@ class Worker:
             self.scheduler.step()
             with torch.no_grad():
                 self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            loss_sum += loss.item()
+            loss_sum += loss.item()  # also waits for the device, so `wait` is time the step did not run
+        seconds = time.perf_counter() - start
         batches.close()
         self.epoch += 1
-        return self._mean(loss_sum, self.steps_per_epoch)
+        return {"train_loss": self._mean(loss_sum, self.steps_per_epoch),
+                "samples_per_second": self.steps_per_epoch * self.cfg.batch_size / seconds,
+                "data_wait_fraction": self._mean(wait, seconds)}
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -194,7 +203,7 @@ class Worker:
         return {"val_loss": sums[0].item() / n, "val_image_to_text_top1": sums[1].item() / n,
                 "val_text_to_image_top1": sums[2].item() / n, "val_samples": int(sums[3].item())}
 
-    def _mean(self, value: float, count: int) -> float:
+    def _mean(self, value: float, count: float) -> float:
         total = torch.tensor([value, count], dtype=torch.float64)
         if self.world_size > 1:
             dist.all_reduce(total)
@@ -233,9 +242,9 @@ def train_loop(config: dict) -> None:
         with checkpoint.as_directory() as directory:
             worker.restore(Path(directory))
     while worker.epoch < cfg.epochs:
-        train_loss = worker.train_epoch()
-        metrics = {"epoch": worker.epoch, "train_loss": train_loss, "lr": worker.scheduler.get_last_lr()[0],
-                   "steps": worker.epoch * worker.steps_per_epoch}
+        metrics = worker.train_epoch()
+        metrics |= {"epoch": worker.epoch, "lr": worker.scheduler.get_last_lr()[0],
+                    "steps": worker.epoch * worker.steps_per_epoch}
         if cfg.val_shards:
             metrics |= worker.validate()
         with tempfile.TemporaryDirectory() as directory:
