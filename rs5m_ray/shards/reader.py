@@ -295,16 +295,17 @@ class ShardReader(IterableDataset):
 
 
 def make_loader(reader: ShardReader, num_workers: int = 4, pin_memory: bool = False,
-                prefetch_batches: int = 2) -> DataLoader:
+                prefetch_batches: int = 2, start_method: str | None = None) -> DataLoader:
     """A DataLoader running `reader` in `num_workers` processes (batches come whole from the reader).
 
-    The processes start from a fork server, not by forking the caller: a Ray worker runs many
-    threads, and a child forked while one of them holds a lock can hang forever.
+    `start_method="forkserver"` where the caller runs many threads, as a Ray worker does: a
+    child forked while another thread holds a lock can hang forever. None = fork (fastest start).
     """
     context = None
-    if num_workers:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__])  # the server imports torch and the reader once
+    if num_workers and start_method:
+        context = multiprocessing.get_context(start_method)
+        if start_method == "forkserver":
+            context.set_forkserver_preload([__name__])  # the server imports torch and the reader once
     return DataLoader(reader, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       prefetch_factor=prefetch_batches if num_workers else None,
                       persistent_workers=False, multiprocessing_context=context)

@@ -37,6 +37,9 @@ from rs5m_ray.storage import Storage, is_local
 from rs5m_ray.train.lora import DEFAULT_TARGETS, add_lora, lora_state_dict, merged_state_dict
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP's clamp of the learned temperature
+# Loader processes of a Ray Train worker start from a fork server: forking the worker itself,
+# with its many threads, can deadlock the child (seen here: a validation loader hung forever).
+LOADER_START = "forkserver"
 PASSES_PER_EPOCH = 1_000_000  # shuffle seeds: epoch e reads passes e * this, e * this + 1, ...
 
 
@@ -94,7 +97,7 @@ def endless_batches(reader: ShardReader, loader_workers: int, first_pass: int, p
     for n in itertools.count(first_pass):
         reader.set_epoch(n)
         empty = True
-        for batch in make_loader(reader, loader_workers, pin_memory):
+        for batch in make_loader(reader, loader_workers, pin_memory, start_method=LOADER_START):
             empty = False
             yield batch
         if empty:
@@ -186,7 +189,8 @@ class Worker:
         over every val sample, each read by one worker."""
         self.model.eval()
         sums = torch.zeros(4, dtype=torch.float64)  # loss * n, image->text hits, text->image hits, n
-        for batch in make_loader(self._reader(self.cfg.val_shards, train=False), self.cfg.cpus_per_worker):
+        val = self._reader(self.cfg.val_shards, train=False)
+        for batch in make_loader(val, self.cfg.cpus_per_worker, start_method=LOADER_START):
             images, texts = self._inputs(batch)
             with self.autocast:
                 image_features, text_features, logit_scale = self.model(images, texts)
