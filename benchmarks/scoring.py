@@ -92,7 +92,7 @@ def make_stage(model: str, batch_size: int, forward_batch_size: int, decode_thre
     cfg = ScoringConfig(clip_model=model, detector_checkpoint=det, batch_size=batch_size,
                         forward_batch_size=forward_batch_size, decode_threads=decode_threads)
     stage = ClipScore(cfg)
-    if not stage.fast:
+    if not stage.clip.eval_transform:
         raise SystemExit(f"{model}: not the standard eval transform, the stage would not take the fast path")
     return stage
 
@@ -108,7 +108,7 @@ def compare(stage: ClipScore, data: list[bytes], rounds: int) -> dict:
     cfg, n = stage.cfg, len(data)
     table = as_table(data)
     batches = [table.slice(i, cfg.batch_size) for i in range(0, n, cfg.batch_size)]
-    size, mean, std = stage.fast
+    size, mean, std = stage.clip.eval_transform
     pixels = normalize(preprocess_batch(data, size)[0], stage.clip.device, mean, std, stage.clip.dtype)
     bare_forward(stage, pixels[: cfg.forward_batch_size], cfg.forward_batch_size)  # warm-up
     best = {"bare_forward": 0.0, "pipeline": 0.0}
