@@ -225,7 +225,8 @@ class Worker:
     def restore(self, directory: Path) -> None:
         state = torch.load(directory / "train_state.pt", map_location=self.device, weights_only=True)
         weights = state["weights"] or torch.load(directory / "model.pt", map_location=self.device, weights_only=True)
-        missing, unexpected = self.model.load_state_dict(weights, strict=state["weights"] is None)
+        # LoRA state holds only the factors: the frozen base comes from clip_pretrained, as at the start.
+        unexpected = self.model.load_state_dict(weights, strict=state["weights"] is None).unexpected_keys
         if unexpected:
             raise ValueError(f"checkpoint {directory} does not match the model: unexpected {unexpected[:5]}")
         self.optimizer.load_state_dict(state["optimizer"])
@@ -269,7 +270,10 @@ def run(cfg: TrainConfig) -> dict:
     storage = Storage(cfg.storage)
     samples_per_epoch(cfg, storage)  # fail here, not in every worker, when it cannot be known
     init_ray(cfg.ray)
-    filesystem, path = storage.arrow_fs(cfg.output) if not is_local(cfg.output) else (None, os.path.abspath(cfg.output))
+    if is_local(cfg.output):
+        filesystem, path = None, os.path.abspath(cfg.output)
+    else:
+        filesystem, path = storage.arrow_fs(cfg.output)
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
     trainer = TorchTrainer(
         train_loop, train_loop_config=to_dict(cfg),
