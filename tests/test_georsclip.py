@@ -126,6 +126,20 @@ def test_epoch_size_comes_from_the_shard_manifests(tmp_path):
     write_colour_shards(str(tmp_path / "b"), storage, "train", 1, 7, manifests=False)
     with pytest.raises(ConfigError, match="no manifest"):
         georsclip.samples_per_epoch(TrainConfig(train_shards=[str(tmp_path / "b") + "/"]), storage)
+    with pytest.raises(ConfigError, match="no shards match"):
+        georsclip.samples_per_epoch(TrainConfig(train_shards=[str(tmp_path / "c-*.tar")]), storage)
+
+
+def test_relative_paths_are_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.pt").write_bytes(b"")
+    cfg = georsclip.absolute_paths(TrainConfig(
+        output="out", train_shards=["s/pub11-train-{0000..0003}.tar", "s3://b/pub11-train-0000.tar"],
+        val_shards=["s/v-*.tar"], clip_pretrained="w.pt"))
+    assert cfg.output == str(tmp_path / "out") and cfg.clip_pretrained == str(tmp_path / "w.pt")
+    assert cfg.train_shards == [str(tmp_path / "s/pub11-train-{0000..0003}.tar"), "s3://b/pub11-train-0000.tar"]
+    assert cfg.val_shards == [str(tmp_path / "s/v-*.tar")]
+    assert georsclip.absolute_paths(TrainConfig(clip_pretrained="openai")).clip_pretrained == "openai"
 
 
 @pytest.mark.parametrize("overrides, message", [

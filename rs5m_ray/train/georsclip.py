@@ -16,6 +16,7 @@ checkpoint; so does rerunning the same config.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -56,12 +57,28 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError("epochs and cpus_per_worker must be >= 1")
 
 
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with relative local paths made absolute: Ray Train workers run in another directory."""
+    def absolute(path: str) -> str:
+        return os.path.abspath(path) if is_local(path) else path
+
+    pretrained = cfg.clip_pretrained
+    if pretrained and os.path.exists(pretrained):  # else a tag, s3:// or hf-hub: name
+        pretrained = os.path.abspath(pretrained)
+    return dataclasses.replace(cfg, output=absolute(cfg.output), clip_pretrained=pretrained,
+                               train_shards=[absolute(u) for u in cfg.train_shards],
+                               val_shards=[absolute(u) for u in cfg.val_shards])
+
+
 def samples_per_epoch(cfg: TrainConfig, storage: Storage) -> int:
     """The configured count, else the sum of the train shards' manifests."""
     if cfg.samples_per_epoch:
         return cfg.samples_per_epoch
+    urls = expand_urls(cfg.train_shards, storage)
+    if not urls:
+        raise ConfigError(f"train_shards: no shards match {cfg.train_shards}")
     total = 0
-    for url in expand_urls(cfg.train_shards, storage):
+    for url in urls:
         manifest = manifest_path(url.rsplit("/", 1)[0], url.rsplit("/", 1)[1])
         if not storage.exists(manifest):
             raise ConfigError(f"{url} has no manifest ({manifest}); set samples_per_epoch")
@@ -267,13 +284,11 @@ def run(cfg: TrainConfig) -> dict:
     from rs5m_ray.ray_runtime import init_ray
 
     check(cfg)
+    cfg = absolute_paths(cfg)
     storage = Storage(cfg.storage)
     samples_per_epoch(cfg, storage)  # fail here, not in every worker, when it cannot be known
     init_ray(cfg.ray)
-    if is_local(cfg.output):
-        filesystem, path = None, os.path.abspath(cfg.output)
-    else:
-        filesystem, path = storage.arrow_fs(cfg.output)
+    filesystem, path = (None, cfg.output) if is_local(cfg.output) else storage.arrow_fs(cfg.output)
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
     trainer = TorchTrainer(
         train_loop, train_loop_config=to_dict(cfg),
