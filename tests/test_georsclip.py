@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from open_clip.loss import ClipLoss
 from PIL import Image
 
 from rs5m_ray.config import ConfigError, ScoringConfig, TrainConfig, load_config
@@ -62,11 +63,8 @@ def contrastive_loss(model_cfg: ScoringConfig, urls: list[str], storage: Storage
     size, mean, std = clip.eval_transform
     (batch,) = ShardReader(urls, storage, image_size=size, batch_size=1000, shuffle_buffer=0)
     with torch.no_grad():
-        image, text, scale = clip.model(normalize(batch["image"], "cpu", mean, std), clip.tokenizer(batch["caption"]))
-    logits = scale * image @ text.T
-    target = torch.arange(len(logits))
-    return ((torch.nn.functional.cross_entropy(logits, target)
-             + torch.nn.functional.cross_entropy(logits.T, target)) / 2).item()
+        features = clip.model(normalize(batch["image"], "cpu", mean, std), clip.tokenizer(batch["caption"]))
+    return ClipLoss()(*features).item()
 
 
 def tiny(**overrides) -> ScoringConfig:

@@ -27,7 +27,7 @@ import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import braceexpand
 import numpy as np
@@ -189,12 +189,15 @@ class ShardReader(IterableDataset):
     Order is deterministic given (urls, seed, epoch, world_size, DataLoader workers).
     Shards are split over rank x worker; with fewer shards than that, every reader
     reads all shards and keeps every n-th sample so each sample still comes once.
+    With a `tokenizer` (captions -> token tensor, e.g. open_clip's), batches also carry
+    `text`, tokenised in the loader processes rather than on the training step.
     """
 
     def __init__(self, urls: str | Iterable[str], storage: Storage | None = None, *, image_size: int = 224,
                  batch_size: int = 256, seed: int = 0, shuffle_buffer: int = 10_000, shuffle_shards: bool = True,
                  rank: int = 0, world_size: int = 1, drop_last: bool = False,
-                 draft_margin: float | None = DRAFT_MARGIN, read_ahead_bytes: int = 64 << 20):
+                 draft_margin: float | None = DRAFT_MARGIN, read_ahead_bytes: int = 64 << 20,
+                 tokenizer: Callable[[list[str]], torch.Tensor] | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         self.storage = storage or Storage()
@@ -206,6 +209,7 @@ class ShardReader(IterableDataset):
         self.shuffle_buffer, self.shuffle_shards = shuffle_buffer, shuffle_shards
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.draft_margin, self.read_ahead_bytes = draft_margin, read_ahead_bytes
+        self.tokenizer = tokenizer
         self.stats = ReaderStats()
 
     def set_epoch(self, epoch: int) -> None:
@@ -289,6 +293,8 @@ class ShardReader(IterableDataset):
 
     def _emit(self, buf: torch.Tensor, batch: dict, reported: Counter) -> dict:
         batch["image"] = buf
+        if self.tokenizer:
+            batch["text"] = self.tokenizer(batch["caption"])
         batch["skipped"] = dict(self.stats.skipped - reported)
         reported.update(batch["skipped"])
         return batch

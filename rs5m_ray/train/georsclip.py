@@ -79,7 +79,7 @@ def samples_per_epoch(cfg: TrainConfig, storage: Storage) -> int:
         raise ConfigError(f"train_shards: no shards match {cfg.train_shards}")
     total = 0
     for url in urls:
-        manifest = manifest_path(url.rsplit("/", 1)[0], url.rsplit("/", 1)[1])
+        manifest = manifest_path(*url.rsplit("/", 1))
         if not storage.exists(manifest):
             raise ConfigError(f"{url} has no manifest ({manifest}); set samples_per_epoch")
         total += json.loads(storage.read_bytes(manifest))["count"]
@@ -104,9 +104,13 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
 
 def flips_and_rotations(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Each image of [B,C,H,W] (square) under one of the 8 symmetries of the square, at random."""
-    code = torch.randint(0, 8, (images.shape[0],), generator=generator).tolist()
-    return torch.stack([torch.rot90(img.flip(-1) if c >= 4 else img, c % 4, (-2, -1))
-                        for img, c in zip(images, code)])
+    code = torch.randint(0, 8, (images.shape[0],), generator=generator).to(images.device)
+    out = torch.empty_like(images)
+    for c in range(8):
+        chosen = code == c
+        group = images[chosen].flip(-1) if c >= 4 else images[chosen]
+        out[chosen] = torch.rot90(group, c % 4, (-2, -1))
+    return out
 
 
 def endless_batches(reader: ShardReader, loader_workers: int, first_pass: int, pin_memory: bool) -> Iterator[dict]:
@@ -143,14 +147,12 @@ class Worker:
         self.model.train()
         self.ddp = ray.train.torch.prepare_model(self.model, move_to_device=False)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr)
-        samples = samples_per_epoch(cfg, self.storage)
-        self.steps_per_epoch = samples // cfg.batch_size
-        if self.steps_per_epoch < 1:
-            raise ConfigError(f"an epoch of {samples} samples is less than one batch of {cfg.batch_size}")
+        self.steps_per_epoch = cfg.samples_per_epoch // cfg.batch_size  # run() sets samples_per_epoch
         total = cfg.epochs * self.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: cosine_with_warmup(step, cfg.warmup_steps, total))
         self.loss = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
+        self.local_loss = ClipLoss()  # validation: each worker's batches on their own
         self.autocast = torch.autocast(device.type, torch.bfloat16, enabled=self._amp())
         self.epoch = 0
 
@@ -161,11 +163,11 @@ class Worker:
         return ShardReader(shards, self.storage, image_size=self.image_size,
                            batch_size=self.cfg.batch_size // self.world_size, seed=self.cfg.seed,
                            shuffle_buffer=self.cfg.shuffle_buffer if train else 0, shuffle_shards=train,
-                           rank=self.rank, world_size=self.world_size, drop_last=train)
+                           rank=self.rank, world_size=self.world_size, drop_last=train, tokenizer=self.tokenizer)
 
     def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         images = normalize(batch["image"], self.device, self.mean, self.std)
-        return images, self.tokenizer(batch["caption"]).to(self.device)
+        return images, batch["text"].to(self.device, non_blocking=True)
 
     def train_epoch(self) -> dict[str, float]:
         """One epoch; its mean loss, throughput, and the share of time spent waiting for batches."""
@@ -211,10 +213,9 @@ class Worker:
             images, texts = self._inputs(batch)
             with self.autocast:
                 image_features, text_features, logit_scale = self.model(images, texts)
-            logits = (logit_scale * image_features @ text_features.T).float()
+            loss = self.local_loss(image_features.float(), text_features.float(), logit_scale.float())
+            logits = image_features @ text_features.T
             target = torch.arange(len(logits), device=logits.device)
-            loss = (torch.nn.functional.cross_entropy(logits, target)
-                    + torch.nn.functional.cross_entropy(logits.T, target)) / 2
             sums += torch.tensor([loss.item() * len(logits), (logits.argmax(1) == target).sum().item(),
                                   (logits.argmax(0) == target).sum().item(), len(logits)], dtype=torch.float64)
         self.model.train()
@@ -286,7 +287,10 @@ def run(cfg: TrainConfig) -> dict:
     check(cfg)
     cfg = absolute_paths(cfg)
     storage = Storage(cfg.storage)
-    samples_per_epoch(cfg, storage)  # fail here, not in every worker, when it cannot be known
+    cfg = dataclasses.replace(cfg, samples_per_epoch=samples_per_epoch(cfg, storage))  # read once, here
+    if cfg.samples_per_epoch < cfg.batch_size:
+        raise ConfigError(f"an epoch of {cfg.samples_per_epoch} samples is less than one batch "
+                          f"of {cfg.batch_size}")
     init_ray(cfg.ray)
     filesystem, path = (None, cfg.output) if is_local(cfg.output) else storage.arrow_fs(cfg.output)
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
