@@ -68,7 +68,8 @@ def test_combo_masks_follow_the_pigeonhole():
     assert (partitions_for(1_000, cfg), partitions_for(2_000_000, cfg)) == (16, 30)  # 15 keys per row
 
 
-@pytest.mark.parametrize("bands,radius,budget", [(5, 4, 1 << 20), (6, 4, 500), (8, 4, 1 << 20), (4, 2, 97)])
+@pytest.mark.parametrize("bands,radius,budget", [(5, 4, 1 << 20), (6, 4, 500), (8, 4, 1 << 20), (4, 2, 97),
+                                                 (10, 4, 1 << 20)])  # 210 combos
 def test_kernel_equals_brute_force(bands, radius, budget):
     h = planted_hashes(2500, seed=bands, radius=radius)
     h[100:160] = h[99]  # a flood of identical placeholder images

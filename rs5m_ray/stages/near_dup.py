@@ -59,7 +59,7 @@ def band_keys(h: np.ndarray, masks: np.ndarray, num_partitions: int) -> tuple[np
     """Explode hashes into (row index, combo, partition) per combo; same (combo, key) -> same partition."""
     n, c = len(h), len(masks)
     row = np.repeat(np.arange(n, dtype=np.int32 if n < 2**31 else np.int64), c)
-    combo = np.tile(np.arange(c, dtype=np.int8), n)
+    combo = np.tile(np.arange(c, dtype=np.int32), n)  # C(bands, bands - radius) ids: 210 at (10, 4)
     key = h[row] & masks[combo]
     mixed = (key ^ (combo.astype(np.uint64) + np.uint64(1)) * _GOLDEN) * _MIX
     return row, combo, ((mixed >> np.uint64(32)) % np.uint64(num_partitions)).astype(np.int32)
