@@ -27,9 +27,6 @@ DROP_REASON = "drop_reason"
 DROP_DETAIL = "drop_detail"
 LEDGER_COUNTS = "rs5m_ledger_counts"
 LEDGER_COLUMNS = ["sample_id", "source", "url", "caption", "stage", DROP_REASON, DROP_DETAIL]
-# Reasons that drop nearly every input row: their ledger rows keep no caption (the bulk of
-# the bytes); sample_id (<source>_<file stem>_<row>) still locates the row in its input file.
-CAPTIONLESS_REASONS = ["keyword_miss"]
 STATS_SCHEMA = pa.schema(
     [("stage", pa.string()), ("source", pa.string()), ("rows_in", pa.int64()),
      ("rows_out", pa.int64()), ("seconds", pa.float64())]
@@ -118,12 +115,13 @@ def write_ledger(storage: Storage, output: str, stage: str, key: str, rows: pa.T
     n = len(rows)
     cols = {c: rows[c] if c in rows.column_names else pa.nulls(n, pa.string()) for c in LEDGER_COLUMNS if c != "stage"}
     cols["stage"] = pa.repeat(stage, n)
-    cols["caption"] = pc.if_else(pc.is_in(cols[DROP_REASON], pa.array(CAPTIONLESS_REASONS)), None,
-                                 pc.cast(cols["caption"], pa.string()))
     table = pa.table({c: pc.cast(cols[c], pa.string()) for c in LEDGER_COLUMNS})
-    reasons = pc.replace_substring_regex(table[DROP_REASON], ":.*", "")  # near_dup_of:<id> -> near_dup_of
-    counts = pa.table({"source": table["source"], "reason": reasons}).group_by(["source", "reason"]).aggregate(
-        [([], "count_all")]).to_pylist()
+    per_reason = pa.table({"source": table["source"], "reason": table[DROP_REASON]}).group_by(
+        ["source", "reason"]).aggregate([([], "count_all")])
+    # near_dup_of:<id> -> near_dup_of, on the groups rather than on every row
+    reasons = pc.replace_substring_regex(per_reason["reason"], ":.*", "")
+    counts = pa.table({"source": per_reason["source"], "reason": reasons, "n": per_reason["count_all"]}).group_by(
+        ["source", "reason"]).aggregate([("n", "sum")]).rename_columns(["source", "reason", "count_all"]).to_pylist()
     table = table.replace_schema_metadata({LEDGER_COUNTS: json.dumps(counts)})
     write_parquet(storage, join(output, "ledger", stage, f"{key}.parquet"), table)
 

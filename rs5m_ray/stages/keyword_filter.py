@@ -116,6 +116,9 @@ class KeywordFilter:
         keywords = matched_keywords(batch["caption"], self.keywords)
         hit = pc.is_valid(keywords)
         batch = mark_dropped(batch, pc.invert(hit), "keyword_miss")
+        # Misses are nearly every input row: their ledger rows keep no caption (sample_id locates them).
+        captions = pc.if_else(hit, batch["caption"], pa.scalar(None, batch["caption"].type))
+        batch = batch.set_column(batch.schema.get_field_index("caption"), "caption", captions)
         if self.output is not None and pc.any(hit).as_py():
             self._write_counts(batch, batch["source"].filter(hit), keywords.filter(hit))
         return batch.append_column("keywords", keywords)
