@@ -92,7 +92,7 @@ class ClipModel:
         """
         if self.eval_transform:
             pixels, errors = preprocess_batch(data, self.eval_transform[0], DRAFT_MARGIN if draft else None)
-            return pixels[[i for i, e in enumerate(errors) if e is None]], errors
+            return (pixels[[i for i, e in enumerate(errors) if e is None]] if any(errors) else pixels), errors
         decoded, errors = [], []
         for d in data:
             try:

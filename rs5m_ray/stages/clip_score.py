@@ -1,7 +1,8 @@
 """The one CLIP image pass: embedding, VLM score s_i and RS-detector probability c_i.
 
-Images are decoded in a thread pool, one chunk of `forward_batch_size` per task, so
-later chunks decode while the model runs on the current one. With the default
+Images are decoded in a thread pool, each chunk of `forward_batch_size` split over all
+`decode_threads`, so a chunk decodes in parallel and later chunks decode while the
+model runs on the current one. With the default
 `clip_head` detector the chunk is decoded for CLIP alone (`ClipModel.decode_images`:
 the shard reader's fast path when the model's preprocess is open_clip's standard eval
 transform; its tolerance is documented in `rs5m_ray.shards.reader`). A `backbone`
@@ -91,7 +92,8 @@ class ClipScore:
             clip_in.append(x)
             det_in.append(det)
             errors.append(None)
-        return (torch.stack(clip_in) if clip_in else torch.empty(0),
+        size = self.clip.image_size
+        return (torch.stack(clip_in) if clip_in else torch.empty(0, 3, size, size),
                 torch.stack(det_in) if det_in and det_in[0] is not None else None, errors)
 
     def _forward(self, pixels: torch.Tensor, det_in: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,13 +106,16 @@ class ClipScore:
         data = batch["jpg"].to_pylist()
         step = max(1, self.cfg.forward_batch_size)
         decode = self._decode_pil if self.shared_decode else self._decode_for_clip
-        chunks = {start: self.pool.submit(decode, data[start:start + step]) for start in range(0, n, step)}
+        piece = -(-step // max(1, self.cfg.decode_threads))  # every decode thread works on each chunk
+        chunks = {start: [self.pool.submit(decode, data[i:min(i + piece, start + step)])
+                          for i in range(start, min(start + step, n), piece)] for start in range(0, n, step)}
         emb = np.zeros((n, self.embed_dim), np.float32)
         scores = np.full(n, np.nan, np.float32)
         probs = np.full(n, np.nan, np.float32)
         errors: list[str | None] = [None] * n
-        for start, future in chunks.items():
-            pixels, det_in, chunk_errors = future.result()  # later chunks keep decoding during this forward
+        for start, pieces in chunks.items():
+            # later chunks keep decoding during this chunk's forward
+            pixels, det_in, chunk_errors = joined([future.result() for future in pieces])
             errors[start:start + len(chunk_errors)] = chunk_errors
             rows = [start + i for i, err in enumerate(chunk_errors) if err is None]
             if rows:
@@ -121,6 +126,13 @@ class ClipScore:
         batch = batch.append_column("clip_score", pa.array(scores, pa.float32(), mask=failed))
         batch = batch.append_column("rs_prob", pa.array(probs, pa.float32(), mask=failed))
         return mark_dropped(batch, pa.array(failed), "decode_error", pa.array(errors, pa.string()))
+
+
+def joined(pieces: list[Chunk]) -> Chunk:
+    """One chunk from the pieces decoded in parallel, in order."""
+    det = [d for _, d, _ in pieces if d is not None]
+    return (torch.cat([p for p, _, _ in pieces]), torch.cat(det) if det else None,
+            [e for _, _, errors in pieces for e in errors])
 
 
 def embedding_column(emb: np.ndarray, null: np.ndarray) -> pa.ListArray:

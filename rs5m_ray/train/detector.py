@@ -110,7 +110,7 @@ def train_detector(positives: list[bytes], negatives: list[bytes], backbone: str
     if backbone == "clip-head":
         clip_cfg = clip_cfg or ScoringConfig()
         clip = load_clip(clip_cfg, storage)
-        inputs = {k: _embed(clip, [e.data for e in v]) for k, v in splits.items()}
+        inputs = {k: _embed(clip, [e.data for e in v], clip_cfg.decode_draft) for k, v in splits.items()}
         meta = DetectorMeta("clip_head", {"embed_dim": int(inputs["train"].shape[1]), "hidden": hidden},
                             embedder={"clip_model": clip_cfg.clip_model, "clip_pretrained": clip_cfg.clip_pretrained})
         module = build_module(meta)
@@ -143,11 +143,11 @@ def train_detector(positives: list[bytes], negatives: list[bytes], backbone: str
     return module, meta
 
 
-def _embed(clip, data: list[bytes], chunk: int = 64) -> torch.Tensor:
+def _embed(clip, data: list[bytes], draft: bool, chunk: int = 64) -> torch.Tensor:
     """Embeddings from the same preprocessing the scoring stage uses, so the head sees what it will score."""
     out = []
     for i in range(0, len(data), chunk):
-        pixels, errors = clip.decode_images(data[i:i + chunk])
+        pixels, errors = clip.decode_images(data[i:i + chunk], draft)
         if any(errors):
             raise ValueError(f"undecodable training image: {next(e for e in errors if e)}")
         out.append(clip.encode_images(pixels))
