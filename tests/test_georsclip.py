@@ -133,10 +133,10 @@ def test_relative_paths_are_made_absolute_for_the_workers(tmp_path, monkeypatch)
     (tmp_path / "w.pt").write_bytes(b"")
     cfg = georsclip.absolute_paths(TrainConfig(
         output="out", train_shards=["s/pub11-train-{0000..0003}.tar", "s3://b/pub11-train-0000.tar"],
-        val_shards=["s/v-*.tar"], clip_pretrained="w.pt"))
+        val_shards=["s/v-*.tar", "shards/"], clip_pretrained="w.pt"))
     assert cfg.output == str(tmp_path / "out") and cfg.clip_pretrained == str(tmp_path / "w.pt")
     assert cfg.train_shards == [str(tmp_path / "s/pub11-train-{0000..0003}.tar"), "s3://b/pub11-train-0000.tar"]
-    assert cfg.val_shards == [str(tmp_path / "s/v-*.tar")]
+    assert cfg.val_shards == [str(tmp_path / "s/v-*.tar"), str(tmp_path / "shards") + "/"]  # still a directory
     assert georsclip.absolute_paths(TrainConfig(clip_pretrained="openai")).clip_pretrained == "openai"
 
 

@@ -60,7 +60,10 @@ def check(cfg: TrainConfig) -> None:
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """`cfg` with relative local paths made absolute: Ray Train workers run in another directory."""
     def absolute(path: str) -> str:
-        return os.path.abspath(path) if is_local(path) else path
+        if not is_local(path):
+            return path
+        # A trailing "/" means "the shards in this directory": keep it.
+        return os.path.join(os.path.abspath(path), "") if path.endswith("/") else os.path.abspath(path)
 
     pretrained = cfg.clip_pretrained
     if pretrained and os.path.exists(pretrained):  # else a tag, s3:// or hf-hub: name
