@@ -62,7 +62,19 @@ class KeywordConfig:
 @dataclass
 class UrlDedupConfig:
     enabled: bool = True
-    num_partitions: int = 16
+
+
+@dataclass
+class PartsConfig:
+    """Input parts: the unit of download work and of resume.
+
+    After the metadata stages, candidate rows are hash-partitioned on their URL into
+    `num_parts` parts (all copies of a URL meet in one part, so URL dedup runs inside
+    it). A fetch actor holds one part's images in memory: size parts to a few GB at most
+    (candidates / num_parts images of ~100 KB each).
+    """
+
+    num_parts: int = 16
 
 
 @dataclass
@@ -88,9 +100,9 @@ class DownloadConfig:
     # Safety: only http(s) to public addresses unless switched on.
     allow_private_addresses: bool = False
     allow_storage_sources: bool = False  # s3:// and local paths read through Storage
-    # Ray resources: an actor pool (connections are reused across batches).
-    batch_size: int = 256
-    num_cpus: float = 0.5
+    # Ray resources: an actor pool, one part at a time per actor (connections are reused
+    # across parts); the actor also decodes what it downloads (decode.threads threads).
+    num_cpus: float = 1.0
     min_actors: int = 1
     max_actors: int = 4
 
@@ -103,10 +115,10 @@ class DecodeConfig:
     reencode_quality: int = 95
     # always | if_needed: keep the original bytes of an RGB JPEG that decoded cleanly
     # and needs no rotation or resize (no second lossy generation, ~40% less CPU).
-    reencode: str = "always"
+    reencode: str = "if_needed"
     phash: bool = True  # compute the perceptual hash in the same pass
     phash_method: str = "phash"
-    batch_size: int = 256  # rows per Ray task
+    threads: int = 2  # decode threads per fetch actor (decoders release the GIL)
 
 
 @dataclass
@@ -169,10 +181,19 @@ class ScoringConfig:
 
 @dataclass
 class ShardConfig:
+    """A sample's split and shard follow from a seeded hash of its sample_id alone.
+
+    Pick `train_shards` near expected samples / samples wanted per shard. A shard over
+    `max_shard_bytes` continues in overflow shards numbered after the regular ones.
+    """
+
     prefix: str = "pub11"
-    samples_per_shard: int = 10_000
+    train_shards: int = 64
+    val_shards: int = 4
     val_fraction: float = 0.05
     seed: int = 2023
+    max_shard_bytes: int = 4 * 1024**3  # RS5M's shards are ~4 GB
+    chunk_bytes: int = 64 * 1024**2  # staged image row groups; what a shard writer holds at once
 
 
 @dataclass
@@ -185,6 +206,7 @@ class PipelineConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     keyword: KeywordConfig = field(default_factory=KeywordConfig)
     url_dedup: UrlDedupConfig = field(default_factory=UrlDedupConfig)
+    parts: PartsConfig = field(default_factory=PartsConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     near_dup: NearDupConfig = field(default_factory=NearDupConfig)
@@ -292,3 +314,19 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+SECRET_FIELDS = ("key", "secret")
+
+
+def without_secrets(cfg: Any) -> dict[str, Any]:
+    """`cfg` as a dict with every credential removed: what may be written or logged."""
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: None if k in SECRET_FIELDS else scrub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [scrub(v) for v in value]
+        return value
+
+    return scrub(to_dict(cfg))

@@ -1,9 +1,10 @@
 """Persistent, incremental near-dup index: pHashes and embeddings of accepted rows.
 
-Layout: `<index_path>/<kind>/run=<run_id>/<batch key>.parquet` with columns
-sample_id, source and the value (`phash` or `image_embedding`). Parts are only ever
-added, each committed whole (rename / single PUT) under a name fixed by its batch,
-so a retried task rewrites the same part and nothing is deleted. A run reads every
+Layout: `<index_path>/<kind>/run=<run_id>/<shard>.parquet` with columns
+sample_id, source and the value (`phash` or `image_embedding`). A shard's rows are
+added only once the shard is committed (rows a later stage drops never enter), each
+part committed whole (rename / single PUT) under the shard's name, so a retried
+task rewrites the same part and nothing is deleted. A run reads every
 part except its own run's: a restarted run never dedups against itself, and a later
 run over new sources dedups against all earlier ones without recomputing them (old
 rows always win the keep rule and old-old pairs are never compared).
@@ -13,10 +14,11 @@ from __future__ import annotations
 import hashlib
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray.data
 
 from rs5m_ray.config import NearDupConfig
-from rs5m_ray.ledger import batch_key, write_parquet
+from rs5m_ray.ledger import write_parquet
 from rs5m_ray.storage import Storage, join, strip_protocol
 
 KINDS = ("phash", "image_embedding")
@@ -43,23 +45,15 @@ class DedupIndex:
         fs, _ = self.storage.arrow_fs(files[0])
         return ray.data.read_parquet([strip_protocol(f) for f in files], filesystem=fs)
 
-    def append(self, ds: ray.data.Dataset, kind: str) -> ray.data.Dataset:
-        """`ds` unchanged; each batch's (sample_id, source, kind) is committed as one part as it streams by."""
-        return ds.map_batches(IndexWriter(self.path, self.storage, self.run_id, _kind(kind)), batch_format="pyarrow")
-
-
-class IndexWriter:
-    def __init__(self, path: str, storage: Storage, run_id: str, kind: str):
-        self.dir = join(path, kind, f"run={run_id}")
-        self.storage = storage
-        self.kind = kind
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.filter(batch[self.kind].is_valid()) if len(batch) else batch
-        if len(rows):
-            write_parquet(self.storage, join(self.dir, f"{batch_key(rows)}.parquet"),
-                          rows.select(["sample_id", "source", self.kind]))
-        return batch
+    def commit(self, name: str, rows: pa.Table) -> None:
+        """Index the accepted `rows` of one committed shard under the shard's `name` (a retry
+        rewrites the same parts)."""
+        for kind in KINDS:
+            if kind in rows.column_names:
+                valid = rows.filter(pc.is_valid(rows[kind]))
+                if len(valid):
+                    write_parquet(self.storage, join(self.path, kind, f"run={self.run_id}", f"{name}.parquet"),
+                                  valid.select(["sample_id", "source", kind]))
 
 
 def _kind(kind: str) -> str:

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import time
+from collections import Counter
 from typing import Any, Callable
 
 import pyarrow as pa
@@ -27,6 +28,8 @@ DROP_REASON = "drop_reason"
 DROP_DETAIL = "drop_detail"
 LEDGER_COUNTS = "rs5m_ledger_counts"
 LEDGER_COLUMNS = ["sample_id", "source", "url", "caption", "stage", DROP_REASON, DROP_DETAIL]
+# What a part-level stage keeps of a dropped row besides its drop reason (not its image bytes).
+LIGHT_LEDGER_COLUMNS = ["sample_id", "source", "url", "caption"]
 STATS_SCHEMA = pa.schema(
     [("stage", pa.string()), ("source", pa.string()), ("rows_in", pa.int64()),
      ("rows_out", pa.int64()), ("seconds", pa.float64())]
@@ -173,3 +176,39 @@ def read_parquet_dir(storage: Storage, path: str) -> pa.Table | None:
         return None
     return pa.concat_tables([pq.read_table(io.BytesIO(storage.read_bytes(f))) for f in files],
                             promote_options="permissive")
+
+
+class PartAccount:
+    """Ledger and counts of one stage over one part, written once under the part's name, so a
+    redone part overwrites its own files instead of adding to them."""
+
+    def __init__(self, stage: str, output: str, storage: Storage):
+        self.stage, self.output, self.storage = stage, output, storage
+        self.gone: list[pa.Table] = []
+        self.rows_in: Counter = Counter()
+        self.rows_out: Counter = Counter()
+        self.seconds = 0.0
+
+    def add(self, batch: pa.Table, result: pa.Table, seconds: float) -> pa.Table:
+        """Account `result` (the stage's marks on `batch`); return its kept rows."""
+        result = ensure_drop_columns(result)
+        out, gone = kept(result), dropped(result)
+        self.rows_in.update(_count_by_source(batch))
+        self.rows_out.update(_count_by_source(out))
+        self.seconds += seconds
+        if len(gone):
+            self.gone.append(gone.select([c for c in LIGHT_LEDGER_COLUMNS + [DROP_REASON, DROP_DETAIL]
+                                          if c in gone.column_names]))
+        return out.drop_columns([DROP_REASON, DROP_DETAIL])
+
+    def commit(self, part: str) -> dict:
+        if self.gone:
+            write_ledger(self.storage, self.output, self.stage, part,
+                         pa.concat_tables(self.gone, promote_options="permissive"))
+        sources = sorted(self.rows_in)
+        total = max(sum(self.rows_in.values()), 1)
+        write_parquet(self.storage, join(self.output, "stats", self.stage, f"{part}.parquet"), pa.table({
+            "stage": [self.stage] * len(sources), "source": sources,
+            "rows_in": [self.rows_in[s] for s in sources], "rows_out": [self.rows_out[s] for s in sources],
+            "seconds": [self.seconds * self.rows_in[s] / total for s in sources]}, schema=STATS_SCHEMA))
+        return {"rows_in": sum(self.rows_in.values()), "rows_out": sum(self.rows_out.values())}

@@ -58,13 +58,23 @@ def build_report(output: str, storage: Storage, stages: list[str], shards_dir: s
         for r in hits.group_by("keyword").aggregate([("count", "sum")]).to_pylist():
             keyword_counts[r["keyword"]] = r["count_sum"]
 
+    stages_run = [s for s in funnel if s != "shard_writer"]
+    last = stages_run[-1] if stages_run else None
+    sink = {"last_stage": last, "kept_by_last_stage": funnel[last]["rows_out"] if last else 0,
+            "into_shard_writer": funnel.get("shard_writer", {}).get("rows_in", 0),
+            "written_by_shard_writer": funnel.get("shard_writer", {}).get("rows_out", 0),
+            "samples_in_shards": manifest["samples"]}
+    sink["balanced"] = len({sink["kept_by_last_stage"], sink["into_shard_writer"]}) == 1 and \
+        sink["written_by_shard_writer"] == sink["samples_in_shards"]
+
     errors = [json.loads(storage.read_bytes(p)) for p in storage.glob(join(output, "errors", "**", "*.json"))]
     report = {
         "funnel": funnel,
         "drop_reasons": dict(sorted(drop_reasons.items())),
         "keyword_hits": dict(sorted(keyword_counts.items(), key=lambda kv: -kv[1])),
         "accounting": accounting,
-        "accounting_balanced": all(a["balanced"] for a in accounting.values()),
+        "accounting_balanced": all(a["balanced"] for a in accounting.values()) and sink["balanced"],
+        "sink": sink,
         "unreadable_files": errors,
         "shards": {"count": len(manifest["shards"]), "samples": manifest["samples"], "dir": shards_dir},
         **(extra or {}),
@@ -82,7 +92,7 @@ def _plot(report: dict) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 4.5))
     stages = list(report["funnel"])
     ax1.bar(stages, [report["funnel"][s]["rows_out"] for s in stages], color="#4a7ab5")
     ax1.set_yscale("log")
@@ -91,6 +101,12 @@ def _plot(report: dict) -> bytes:
     kw = list(report["keyword_hits"].items())[:20]
     ax2.barh([k for k, _ in kw][::-1], [v for _, v in kw][::-1], color="#6a9f58")
     ax2.set_title("keyword hits (cf. RS5M Fig. 3)")
+    phases = report.get("timeline", {}).get("phases", {})
+    for row, (phase, span) in enumerate(phases.items()):
+        ax3.broken_barh([(a, max(b - a, 1e-3)) for a, b in span["intervals"]], (row - 0.4, 0.8), alpha=0.5)
+    ax3.set_yticks(range(len(phases)), list(phases))
+    ax3.set_xlabel("seconds")
+    ax3.set_title("parts in progress per phase (overlap = download and scoring at once)")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)

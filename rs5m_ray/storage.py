@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import posixpath
+import tempfile
+import threading
 import uuid
 from dataclasses import dataclass, field
 
@@ -17,17 +19,46 @@ import pyarrow.fs as pafs
 from rs5m_ray.config import StorageConfig
 
 
+# One filesystem per (process, protocol, storage config): an S3 filesystem holds a client, a
+# connection pool and an event-loop thread, too costly to build per call. Keyed by pid because
+# none of that survives a fork; module-level so that pickling a Storage (Ray) never ships it.
+_FILESYSTEMS: dict[tuple, fsspec.AbstractFileSystem] = {}
+_FILESYSTEMS_LOCK = threading.Lock()
+
+
+def _config_key(cfg: StorageConfig) -> tuple:
+    return (cfg.endpoint_url, cfg.key, cfg.secret, cfg.region)
+
+
 @dataclass(frozen=True)
 class Storage:
     """fsspec access to one URL scheme, built from a StorageConfig (picklable for Ray)."""
 
     cfg: StorageConfig = field(default_factory=StorageConfig)
 
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (f"Storage(endpoint_url={c.endpoint_url!r}, region={c.region!r}, "
+                f"key={'***' if c.key else None}, secret={'***' if c.secret else None})")
+
     def fs(self, path: str) -> fsspec.AbstractFileSystem:
+        """This process's filesystem for the scheme of `path` (built on first use, then reused)."""
         protocol = fsspec.core.split_protocol(path)[0] or "file"
-        if protocol in ("s3", "s3a"):
-            return fsspec.filesystem("s3", **self._s3_options())
-        return fsspec.filesystem(protocol)
+        if protocol == "s3a":
+            protocol = "s3"
+        # The endpoint may come from the environment: part of the key, as read now.
+        s3 = self._s3_options() if protocol == "s3" else None
+        key = (os.getpid(), protocol, _config_key(self.cfg), s3 and s3.get("endpoint_url"))
+        fs = _FILESYSTEMS.get(key)
+        if fs is None:
+            with _FILESYSTEMS_LOCK:
+                fs = _FILESYSTEMS.get(key)
+                if fs is None:
+                    if any(k[0] != key[0] for k in _FILESYSTEMS):  # forked: the parent's are unusable
+                        _FILESYSTEMS.clear()
+                    fs = fsspec.filesystem(protocol, **s3) if s3 is not None else fsspec.filesystem(protocol)
+                    _FILESYSTEMS[key] = fs
+        return fs
 
     def _s3_options(self) -> dict:
         c = self.cfg
@@ -39,8 +70,11 @@ class Storage:
             opts["key"], opts["secret"] = c.key, c.secret
         if c.region:
             opts["client_kwargs"] = {"region_name": c.region}
-        # Fresh instances: fsspec caches per-process, and tests start their own servers.
+        # Our own per-process cache (Storage.fs) is the only one: fsspec's is keyed by options only.
         opts["skip_instance_cache"] = True
+        # The instance lives as long as the process: no listing cache, so files that other
+        # processes (Ray workers) write are seen at once.
+        opts["use_listings_cache"] = False
         return opts
 
     def arrow_fs(self, path: str) -> tuple[pafs.FileSystem, str]:
@@ -79,6 +113,27 @@ class Storage:
             os.replace(tmp, path)
         else:
             self.fs(path).pipe_file(path, data)
+
+    def scratch_path(self, path: str) -> str:
+        """Where to build `path` before `commit_file`: beside it locally (so the commit is a
+        rename), in the local temp dir for an object store."""
+        if is_local(path):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            return f"{path}.tmp-{uuid.uuid4().hex}"
+        return os.path.join(tempfile.gettempdir(), f"rs5m-{uuid.uuid4().hex}")
+
+    def commit_file(self, scratch: str, path: str) -> None:
+        """Make `path` hold the finished local file `scratch` whole: a rename locally; one upload
+        on an object store (multipart for large files, visible only once complete)."""
+        if is_local(path):
+            with open(scratch, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(scratch, path)
+            return
+        try:
+            self.fs(path).put_file(scratch, path)
+        finally:
+            os.remove(scratch)
 
     def remove(self, path: str) -> None:
         fs = self.fs(path)

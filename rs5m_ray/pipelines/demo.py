@@ -45,11 +45,13 @@ def run_demo(out: str, rows_per_source: int = 60, train_epochs: int = 2) -> int:
             "ray": {"num_cpus": 2, "object_store_memory": 512 * 1024**2, "shuffle_strategy": "sort_shuffle_pull_based"},
             "ingest": {"sources": sample["sources"]},
             # The images live on this machine's loopback server: the one place private addresses are allowed.
-            "download": {"allow_private_addresses": True, "max_actors": 2},
+            # One fetch actor and one scoring actor share the 2 cores: parts are scored while others download.
+            "download": {"allow_private_addresses": True, "max_actors": 1},
             # Random tiny-CLIP embeddings of distinct generated images reach cosine 0.996 (0.95 is meant for
             # trained models): a threshold only near-identical images pass keeps the demo's clusters small.
             "near_dup": {"cosine_threshold": 0.999},
-            "shards": {"samples_per_shard": 64},
+            "parts": {"num_parts": 8},
+            "shards": {"train_shards": 4, "val_shards": 1},
         })
         # The demo's RS detector: a head trained now on generated aerial vs. ground-level images.
         cfg = dataclasses.replace(cfg, scoring=ensure_detector(cfg.scoring, cfg.output, Storage(cfg.storage)))
@@ -84,6 +86,14 @@ def print_summary(report: dict, output: str) -> None:
               f"c_i >= n = {q['n']:.4f} (top {q['detector_quantile_keep']:.0%}): {q['kept']} of {q['candidates']} "
               "kept; Fig. 13 grid in report.json")
     print(f"accounting (input = kept + dropped, per source): {balance}")
+    sink = report["sink"]
+    print(f"sink: {sink['kept_by_last_stage']} rows kept by {sink['last_stage']} -> "
+          f"{sink['samples_in_shards']} samples in shards ({'equal' if sink['balanced'] else 'NOT EQUAL'})")
+    t = report.get("timeline", {})
+    if "overlap_seconds" in t:
+        a, b = t["overlap_of"]
+        print(f"timeline: {a} {t['phases'][a]['start']:.1f}-{t['phases'][a]['end']:.1f} s, "
+              f"{b} {t['phases'][b]['start']:.1f}-{t['phases'][b]['end']:.1f} s, overlapping {t['overlap_seconds']:.1f} s")
     print(f"shards: {report['shards']['count']} with {report['shards']['samples']} samples in {report['shards']['dir']}")
     print(f"report: {output}/report.json, {output}/report.png; ledger: {output}/ledger/")
 

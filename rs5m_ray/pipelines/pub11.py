@@ -1,98 +1,156 @@
-"""The PUB11 path as one streaming Ray Data job.
+"""The PUB11 path: three phases over one staging area (`harness`), each resumable.
 
-ingest -> keyword filter -> URL dedup -> download -> decode/validate (+pHash)
--> pHash near-dup -> CLIP image pass (s_i, c_i, embedding) -> embedding near-dup
--> global quantile thresholds -> pub11-*.tar shards, ledger, report.
+1. metadata (one Ray Data job over billions of rows, done once):
+   ingest -> keyword filter -> hash-partition on URL into parts -> URL dedup inside each
+   part -> staging/candidates/<part>.parquet.
+2. parts (one streaming job, actor pools, part by part, done parts skipped on reruns):
+   download + decode/validate (+pHash) -> staging/images; CLIP image pass -> staging/scores.
+   A part is scored as soon as it is downloaded, while other parts download.
+3. global (light columns only: ids, hashes, embeddings, scores; recomputed by every run):
+   pHash near-dup -> embedding near-dup -> quantile thresholds -> accounted shard writer,
+   which streams the image bytes from staging/images; then the report.
+
+Scoring before the near-dup joins spends GPU time on rows that later turn out to be
+near-duplicates (a few percent), and buys an image pass that never waits for the whole
+download: the report's timeline shows how much the two overlapped.
 """
 from __future__ import annotations
 
 import json
+from functools import partial
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from rs5m_ray.config import ConfigError, PipelineConfig, to_dict
-from rs5m_ray.ledger import Accounted
+from rs5m_ray.config import ConfigError, PipelineConfig
 from rs5m_ray.dedup_index import index_for
+from rs5m_ray.ledger import Accounted, write_parquet
+from rs5m_ray.pipelines.harness import CANDIDATES, PART, Staging, claim_output, part_name, timeline
+from rs5m_ray.pipelines.parts import IMAGES, SCORES, FetchPart, ScorePart
 from rs5m_ray.ray_runtime import init_ray
 from rs5m_ray.report import build_report
-from rs5m_ray.shards.writer import SHARD, ShardWriter, assign_shards, shard_counts, write_manifest
+from rs5m_ray.shards.writer import SHARD, ShardWriter, write_manifest
 from rs5m_ray.sources.ingest import IngestFiles, list_inputs
-from rs5m_ray.stages.clip_score import score_images
-from rs5m_ray.stages.decode import DecodeStage
-from rs5m_ray.stages.download import DownloadStage
-from rs5m_ray.stages.host_limits import start_host_limits, stop_host_limits
-from rs5m_ray.stages.keyword_filter import KeywordFilter
 from rs5m_ray.stages.embedding_dedup import apply_embedding_dedup
+from rs5m_ray.stages.host_limits import start_host_limits, stop_host_limits
+from rs5m_ray.stages.keep_rule import KeepRule
+from rs5m_ray.stages.keyword_filter import KeywordFilter
 from rs5m_ray.stages.near_dup import apply_phash_dedup
 from rs5m_ray.stages.quantile import apply_quantile_filter
 from rs5m_ray.stages.url_dedup import BUCKET, add_url_bucket, dedup_urls
-from rs5m_ray.storage import Storage, join
+from rs5m_ray.storage import Storage, join, strip_protocol
 
-# Everything a run writes besides its shards: recomputed whole by every (re)run.
-SIDE_OUTPUTS = ("ledger", "stats", "keyword_hits", "errors", "quantile_filter.json", "report.json", "report.png")
-
-
-def claim_output(cfg: PipelineConfig, storage: Storage) -> None:
-    """A run directory belongs to one configuration: a rerun recomputes every stage (complete
-    shards are kept and skipped) and rewrites the side outputs; another config would mix them."""
-    path = join(cfg.output, "run_config.json")
-    mine = json.dumps(to_dict(cfg), sort_keys=True, indent=1)
-    if storage.exists(path):
-        theirs = storage.read_bytes(path).decode()
-        if theirs != mine:
-            raise ValueError(f"{cfg.output} holds a run with a different configuration; "
-                             "resume with the same config or choose another output")
-        for name in SIDE_OUTPUTS:
-            storage.remove(join(cfg.output, name))
-        return
-    storage.write_atomic(path, mine.encode())
+METADATA_STAGES = ["ingest", "keyword_filter", "url_dedup"]
+PART_STAGES = ["download", "decode", "clip_score"]
+GLOBAL_STAGES = ["phash_dedup", "embedding_dedup", "quantile_filter", "shard_writer"]
+STAGES = METADATA_STAGES + PART_STAGES + GLOBAL_STAGES
+# Outputs of the metadata phase: removed only while that phase is unfinished.
+METADATA_OUTPUTS = [f"{d}/{s}" for d in ("ledger", "stats") for s in METADATA_STAGES] + ["keyword_hits", "errors"]
+# Outputs every run recomputes from the staging.
+GLOBAL_OUTPUTS = ([f"{d}/{s}" for d in ("ledger", "stats") for s in GLOBAL_STAGES]
+                  + ["quantile_filter.json", "report.json", "report.png", "shards/manifest.json"])
 
 
-def metadata_stages(ds: ray.data.Dataset, cfg: PipelineConfig, storage: Storage) -> ray.data.Dataset:
-    """Keyword filter and global URL dedup: cheap, vectorised, on billions of rows."""
-    out = cfg.output
+class WriteCandidates:
+    """map_groups function: one URL bucket = one part. URL dedup inside it, then the part's
+    candidates are committed in sample_id order."""
+
+    __name__ = "write_candidates"
+
+    def __init__(self, cfg: PipelineConfig, storage: Storage):
+        self.staging, self.storage = Staging(cfg.output, storage), storage
+        rule = KeepRule.from_config(cfg.near_dup)
+        self.dedup = Accounted("url_dedup", cfg.output, storage, partial(dedup_urls, rule=rule)) \
+            if cfg.url_dedup.enabled else None
+
+    def __call__(self, rows: pa.Table) -> pa.Table:
+        part = part_name(rows[BUCKET][0].as_py())
+        rows = self.dedup(rows) if self.dedup else rows.drop_columns([BUCKET])
+        write_parquet(self.storage, self.staging.path(CANDIDATES, part), rows.sort_by("sample_id"))
+        return pa.table({PART: [part], "rows": [len(rows)]})
+
+
+def metadata_phase(cfg: PipelineConfig, storage: Storage, staging: Staging) -> list[str]:
+    """The candidate parts: from the staging when this phase is done, else computed now."""
+    parts = staging.candidate_parts()
+    if parts is not None:
+        return parts
+    for name in METADATA_OUTPUTS:
+        storage.remove(join(cfg.output, name))
+    staging.reset_candidates()
+    files = list_inputs(cfg.ingest, storage)
+    ds = ray.data.from_items(files, override_num_blocks=len(files))
+    ds = ds.map_batches(IngestFiles(cfg.ingest, cfg.output, storage), batch_size=1, batch_format="pyarrow")
     if cfg.keyword.enabled:
-        ds = ds.map_batches(Accounted("keyword_filter", out, storage,
-                                      KeywordFilter(cfg.keyword.keywords, out, storage)),
+        ds = ds.map_batches(Accounted("keyword_filter", cfg.output, storage,
+                                      KeywordFilter(cfg.keyword.keywords, cfg.output, storage)),
                             batch_format="pyarrow")
-    if cfg.url_dedup.enabled:
-        parts = cfg.url_dedup.num_partitions
-        ds = (ds.map_batches(add_url_bucket, fn_kwargs={"num_partitions": parts}, batch_format="pyarrow")
-              .groupby(BUCKET, num_partitions=parts)
-              .map_groups(Accounted("url_dedup", out, storage, dedup_urls), batch_format="pyarrow"))
-    return ds
+    n = cfg.parts.num_parts
+    written = (ds.map_batches(add_url_bucket, fn_kwargs={"num_partitions": n}, batch_format="pyarrow")
+               .groupby(BUCKET, num_partitions=n)
+               .map_groups(WriteCandidates(cfg, storage), batch_format="pyarrow")
+               .take_all())
+    parts = sorted(r[PART] for r in written)
+    staging.finish_candidates(parts)
+    return parts
 
 
-def image_stages(ds: ray.data.Dataset, cfg: PipelineConfig, storage: Storage, host_limits: str | None
-                 ) -> ray.data.Dataset:
-    """Download (actor pool, cluster-wide host limits), then decode/validate (+pHash) as tasks."""
-    out, dl = cfg.output, cfg.download
-    ds = ds.map_batches(Accounted, batch_format="pyarrow", batch_size=dl.batch_size, num_cpus=dl.num_cpus,
-                        compute=ray.data.ActorPoolStrategy(min_size=dl.min_actors, max_size=dl.max_actors),
-                        fn_constructor_kwargs=dict(stage_name="download", output=out, storage=storage,
-                                                   stage=DownloadStage, stage_args=(dl, storage, host_limits)))
-    return ds.map_batches(Accounted("decode", out, storage, DecodeStage(cfg.decode)), batch_format="pyarrow",
-                          batch_size=cfg.decode.batch_size)
+def parts_phase(cfg: PipelineConfig, storage: Storage, parts: list[str]) -> None:
+    """Download + decode, then the CLIP pass, part by part, streaming; done parts are skipped."""
+    if not parts:
+        return
+    dl, sc = cfg.download, cfg.scoring
+    host_limits = start_host_limits(dl)
+    try:
+        ds = ray.data.from_items([{PART: p} for p in parts], override_num_blocks=len(parts))
+        ds = ds.map_batches(FetchPart, fn_constructor_args=(cfg, storage, host_limits), batch_size=1,
+                            batch_format="pyarrow", num_cpus=dl.num_cpus,
+                            compute=ray.data.ActorPoolStrategy(min_size=dl.min_actors, max_size=dl.max_actors))
+        if sc.enabled:
+            ds = ds.map_batches(ScorePart, fn_constructor_args=(cfg, storage), batch_size=1,
+                                batch_format="pyarrow", num_cpus=sc.num_cpus, num_gpus=sc.num_gpus or None,
+                                compute=ray.data.ActorPoolStrategy(min_size=sc.min_actors, max_size=sc.max_actors))
+        ds.take_all()
+    finally:
+        stop_host_limits(host_limits)
 
 
-def write_shards(ds: ray.data.Dataset, cfg: PipelineConfig, storage: Storage) -> dict:
-    shards_dir = join(cfg.output, "shards")
-    storage.makedirs(shards_dir)
-    ds = ds.materialize()
-    counts = shard_counts(ds.count(), cfg.shards)
-    summary = (ds.map_batches(assign_shards, fn_kwargs={"cfg": cfg.shards, "counts": counts},
-                              batch_format="pyarrow")
-               .groupby(SHARD)
-               .map_groups(ShardWriter(shards_dir, storage), batch_format="pyarrow")
-               .to_pandas())
-    manifest = write_manifest(shards_dir, storage)
-    return {"written": int((summary["status"] == "written").sum()),
-            "skipped": int((summary["status"] == "skipped").sum()), "samples": manifest["samples"]}
+def light_rows(cfg: PipelineConfig, storage: Storage, staging: Staging) -> ray.data.Dataset | None:
+    """Every staged row without its image bytes (the scores when scoring ran), or None if none."""
+    phase = SCORES if cfg.scoring.enabled else IMAGES
+    paths = [staging.path(phase, m[PART]) for m in staging.markers(phase) if m["rows"]]
+    if not paths:
+        return None
+    fs, _ = storage.arrow_fs(paths[0])
+    with storage.open(paths[0]) as f:
+        columns = [c for c in pq.read_schema(f).names if c != "jpg"]
+    return ray.data.read_parquet([strip_protocol(p) for p in paths], filesystem=fs, columns=columns)
 
 
-STAGES = ["ingest", "keyword_filter", "url_dedup", "download", "decode", "phash_dedup", "clip_score",
-          "embedding_dedup", "quantile_filter"]
+def global_phase(cfg: PipelineConfig, storage: Storage, staging: Staging, ds: ray.data.Dataset | None) -> dict:
+    extra: dict = {}
+    index = index_for(cfg.near_dup, cfg.output, storage)
+    manifests: list[dict] = []
+    if ds is not None:
+        if cfg.near_dup.phash_enabled:
+            ds = apply_phash_dedup(ds, cfg.near_dup, cfg.output, storage, index)
+        if cfg.scoring.enabled:
+            if cfg.near_dup.embedding_enabled:
+                ds = apply_embedding_dedup(ds, cfg.near_dup, cfg.output, storage, index)
+            ds, extra["quantile_filter"] = apply_quantile_filter(ds, cfg.scoring, cfg.output, storage)
+        if index is None and "image_embedding" in ds.columns():
+            ds = ds.drop_columns(["image_embedding"])  # the shuffle carries only what the writer uses
+        ds = ds.materialize()
+        if ds.count():
+            writer = ShardWriter(cfg.output, storage, cfg.shards, partial(staging.path, IMAGES), index)
+            summary = ds.groupby(SHARD).map_groups(writer, batch_format="pyarrow").take_all()
+            manifests = [json.loads(r["manifest"]) for r in summary]
+            extra["shard_run"] = {s: sum(r["status"] == s for r in summary) for s in ("written", "skipped")}
+    manifest = write_manifest(join(cfg.output, "shards"), storage, manifests)
+    extra.setdefault("shard_run", {"written": 0, "skipped": 0})["samples"] = manifest["samples"]
+    return extra
 
 
 def check(cfg: PipelineConfig) -> None:
@@ -108,24 +166,10 @@ def run(cfg: PipelineConfig) -> dict:
     check(cfg)
     storage = Storage(cfg.storage)
     init_ray(cfg.ray)
-    claim_output(cfg, storage)
-    files = list_inputs(cfg.ingest, storage)
-    ds = ray.data.from_items(files, override_num_blocks=len(files))
-    ds = ds.map_batches(IngestFiles(cfg.ingest, cfg.output, storage), batch_size=1, batch_format="pyarrow")
-    ds = metadata_stages(ds, cfg, storage)
-    host_limits = start_host_limits(cfg.download)
-    extra: dict = {}
-    try:
-        ds = image_stages(ds, cfg, storage, host_limits)
-        index = index_for(cfg.near_dup, cfg.output, storage)
-        if cfg.near_dup.phash_enabled:
-            ds = apply_phash_dedup(ds, cfg.near_dup, cfg.output, storage, index)
-        if cfg.scoring.enabled:
-            ds = score_images(ds, cfg.scoring, cfg.output, storage)
-            if cfg.near_dup.embedding_enabled:
-                ds = apply_embedding_dedup(ds, cfg.near_dup, cfg.output, storage, index)
-            ds, extra["quantile_filter"] = apply_quantile_filter(ds, cfg.scoring, cfg.output, storage)
-        extra["shard_run"] = write_shards(ds, cfg, storage)
-    finally:
-        stop_host_limits(host_limits)
+    claim_output(cfg, storage, GLOBAL_OUTPUTS)
+    staging = Staging(cfg.output, storage)
+    parts = metadata_phase(cfg, storage, staging)
+    parts_phase(cfg, storage, parts)
+    extra = global_phase(cfg, storage, staging, light_rows(cfg, storage, staging))
+    extra["timeline"] = timeline(staging, [IMAGES, SCORES] if cfg.scoring.enabled else [IMAGES])
     return build_report(cfg.output, storage, STAGES, join(cfg.output, "shards"), extra=extra)

@@ -198,8 +198,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("directory")
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--ports", type=int, default=1)
+    parser.add_argument("--preload", action="store_true",
+                        help="read the directory's files into memory once (benchmarks: no disk read per request)")
     args = parser.parse_args(argv)
-    server = ImageServer(directory=args.directory, latency_s=args.latency_ms / 1000, ports=args.ports).start()
+    images = ({p.name: p.read_bytes() for p in Path(args.directory).iterdir() if p.is_file()}
+              if args.preload else None)
+    server = ImageServer(images=images, directory=None if args.preload else args.directory,
+                         latency_s=args.latency_ms / 1000, ports=args.ports).start()
     print(" ".join(str(p) for p in server.ports), flush=True)  # the parent reads the ports here
     try:
         sys.stdin.read()  # serve until the parent closes our stdin

@@ -10,7 +10,7 @@ import io
 import json
 import re
 import tarfile
-from typing import Iterable, Mapping
+from typing import BinaryIO, Iterable, Mapping
 
 SPLITS = ("train", "val")
 SHARD_RE = re.compile(r"^(?P<prefix>[a-z0-9]+)-(?P<split>train|val)-(?P<index>\d{4,})\.tar$")
@@ -37,15 +37,30 @@ def sample_members(sample_id: str, jpg: bytes, caption: str, meta: Mapping) -> l
     ]
 
 
+class TarWriter:
+    """Writes a tar member by member to a binary file; the bytes depend only on the members
+    (fixed mtime, owner, mode), and only one member is held in memory at a time."""
+
+    def __init__(self, fileobj: BinaryIO):
+        self.tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT)
+
+    def add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o444
+        info.uname = info.gname = ""
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self.tar.close()
+
+
 def tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
-    """A tar whose bytes depend only on the members (fixed mtime, owner, mode)."""
+    """A whole tar in memory (small shards, tests)."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o444
-            info.uname = info.gname = ""
-            tar.addfile(info, io.BytesIO(data))
+    writer = TarWriter(buf)
+    for name, data in members:
+        writer.add(name, data)
+    writer.close()
     return buf.getvalue()

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from rs5m_ray.arrays import blank_mask, rows_with_bytes, sample_ids, string_buffers, valid_mask
 from rs5m_ray.ledger import mark_dropped
 from rs5m_ray.sources.adapters import SourceAdapter
 from rs5m_ray.storage import Storage
@@ -155,69 +156,93 @@ def _present(path: str, adapter: SourceAdapter, names) -> list[str]:
 
 def canonicalize(raw: pa.Table, adapter: SourceAdapter, stem: str, first_row: int,
                  max_caption_bytes: int) -> pa.Table:
-    """Map a raw batch to the canonical schema; unusable rows get a drop reason."""
+    """Map a raw batch to the canonical schema; unusable rows get a drop reason.
+
+    Vectorised over the batch: each check is a numpy mask over the column buffers (NUL bytes
+    and whitespace found by one Hyperscan pass each), and only checks that fire touch the table."""
     n = len(raw)
-    rows = pa.array(np.arange(first_row, first_row + n, dtype=np.int64))
-    sample_id = pc.binary_join_element_wise(f"{adapter.name}_{stem}", pc.cast(rows, pa.string()), "_")
+    sample_id = sample_ids(f"{adapter.name}_{stem}", first_row, n)
     url, url_ok = _as_text(raw[adapter.url_column])
     captions = [_as_text(raw[c]) for c in adapter.caption_columns if c in raw.column_names]
-    caption = pc.coalesce(*(pc.if_else(pc.equal(pc.utf8_trim_whitespace(c), ""), None, c) for c, _ in captions))
+    # Per caption column, whitespace-only -> null; then the first non-null one.
+    cleaned = []
+    for c, _ in captions:
+        blank = blank_mask(c)
+        cleaned.append(pc.if_else(pa.array(blank), pa.scalar(None, pa.string()), c)
+                       if blank.sum() > c.null_count else c)
+    caption = cleaned[0] if len(cleaned) == 1 else pc.coalesce(*cleaned)
     caption_ok = _all(ok for _, ok in captions)
-    cols = {"sample_id": sample_id, "source": pa.array([adapter.name] * n, pa.string()), "url": url,
+    cols = {"sample_id": sample_id, "source": pa.repeat(pa.scalar(adapter.name, pa.string()), n), "url": url,
             "caption": caption}
     for c in adapter.extra_columns:
         cols[c] = _as_text(raw[c])[0] if c in raw.column_names else pa.nulls(n, pa.string())
     table = pa.table(cols)
 
-    too_long = pc.greater(pc.binary_length(pc.fill_null(caption, "")), max_caption_bytes)
-    checks = [
-        (pc.invert(url_ok), "invalid_utf8", "url"),
-        (pc.invert(caption_ok), "invalid_utf8", "caption"),
-        (pc.or_(pc.is_null(url), pc.equal(pc.utf8_trim_whitespace(pc.fill_null(url, "")), "")), "null_url", None),
-        (pc.match_substring(pc.fill_null(url, ""), "\x00"), "invalid_url", "NUL byte"),
-        (pc.invert(pc.match_substring_regex(pc.fill_null(url, ""), r"^\S+$")), "invalid_url", "whitespace"),
-        (pc.is_null(caption), "empty_caption", None),
-        (pc.match_substring(pc.fill_null(caption, ""), "\x00"), "caption_nul_byte", None),
+    url_offsets, _ = string_buffers(url)
+    caption_bytes = np.where(valid_mask(caption), np.diff(string_buffers(caption)[0]), 0)
+    too_long = caption_bytes > max_caption_bytes
+    checks = [  # in order: a row gets the first reason that applies
+        (None if url_ok is None else ~url_ok, "invalid_utf8", "url"),
+        (None if caption_ok is None else ~caption_ok, "invalid_utf8", "caption"),
+        (blank_mask(url), "null_url", None),
+        (rows_with_bytes(url, b"\x00"), "invalid_url", "NUL byte"),
+        # not `^\S+$` (RE2's \s is [\t\n\f\r ]): an empty or null URL, or one with such a byte
+        (rows_with_bytes(url, b"\t\n\x0c\r ") | (np.diff(url_offsets) == 0) | ~valid_mask(url),
+         "invalid_url", "whitespace"),
+        (~valid_mask(caption), "empty_caption", None),
+        (rows_with_bytes(caption, b"\x00"), "caption_nul_byte", None),
         (too_long, "caption_too_long", f"> {max_caption_bytes} bytes"),
     ]
     for column, value in adapter.require:
         v, _ = _as_text(raw[column])
-        checks.append((pc.invert(pc.fill_null(pc.equal(v, value), False)), f"filtered_{column}", f"!= {value}"))
+        checks.append((~pc.fill_null(pc.equal(v, value), False).to_numpy(zero_copy_only=False),
+                       f"filtered_{column}", f"!= {value}"))
     for mask, reason, detail in checks:
-        table = mark_dropped(table, mask, reason, detail)
-    # A rejected giant caption is cut in the ledger; kept captions are never altered.
-    clipped = pc.utf8_slice_codeunits(pc.fill_null(caption, ""), 0, max_caption_bytes)
-    return table.set_column(3, "caption", pc.if_else(too_long, clipped, caption))
+        if mask is not None and mask.any():
+            table = mark_dropped(table, pa.array(mask), reason, detail)
+    if too_long.any():
+        # A rejected giant caption is cut in the ledger; kept captions are never altered.
+        clipped = pc.utf8_slice_codeunits(pc.fill_null(caption, ""), 0, max_caption_bytes)
+        table = table.set_column(3, "caption", pc.if_else(pa.array(too_long), clipped, caption))
+    return table
 
 
-def _as_text(col: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
-    """The column as UTF-8 strings and a mask of rows that were valid UTF-8."""
+def _as_text(col: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray | None]:
+    """The column as UTF-8 strings and a mask of rows that were valid UTF-8 (None: all of them).
+
+    String columns (parquet does not validate them) are checked too: a value with invalid UTF-8
+    is a drop reason, never a failed task."""
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-        return pc.cast(col, pa.string()), _all_valid(len(col))
+        try:
+            col.validate(full=True)
+        except pa.ArrowInvalid:
+            return _decode_per_row(col.view(pa.large_binary() if pa.types.is_large_string(col.type) else pa.binary()))
+        return (col if pa.types.is_string(col.type) else pc.cast(col, pa.string())), None
     if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)):
-        return pc.cast(col, pa.string()), _all_valid(len(col))
+        return pc.cast(col, pa.string()), None
     try:
-        return pc.cast(col, pa.string()), _all_valid(len(col))
+        return pc.cast(col, pa.string()), None
     except pa.ArrowInvalid:
-        # Rare path: find the invalid rows in Python, keep them (replaced) for the ledger.
-        values, ok = [], []
-        for b in col.to_pylist():
-            try:
-                values.append(None if b is None else b.decode("utf-8"))
-                ok.append(True)
-            except UnicodeDecodeError:
-                values.append(b.decode("utf-8", errors="replace"))
-                ok.append(False)
-        return pa.array(values, pa.string()), pa.array(ok)
+        return _decode_per_row(col)
 
 
-def _all_valid(n: int) -> pa.Array:
-    return pa.array(np.ones(n, dtype=bool))
+def _decode_per_row(col: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    # Rare path: find the invalid rows in Python, keep them (replaced) for the ledger.
+    values, ok = [], []
+    for b in col.to_pylist():
+        try:
+            values.append(None if b is None else b.decode("utf-8"))
+            ok.append(True)
+        except UnicodeDecodeError:
+            values.append(b.decode("utf-8", errors="replace"))
+            ok.append(False)
+    return pa.array(values, pa.string()), np.array(ok, bool)
 
 
-def _all(masks) -> pa.Array:
+def _all(masks) -> np.ndarray | None:
     out = None
     for m in masks:
-        out = m if out is None else pc.and_(out, m)
+        if m is not None:
+            out = m if out is None else out & m
     return out

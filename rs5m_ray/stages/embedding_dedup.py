@@ -25,7 +25,7 @@ import ray
 import ray.data
 
 from rs5m_ray.config import NearDupConfig
-from rs5m_ray.stages.keep_rule import DROPS_SCHEMA, resolve_drops, run_near_dup
+from rs5m_ray.stages.keep_rule import DROPS_SCHEMA, resolve_drops, run_near_dup, seeded_order
 from rs5m_ray.storage import Storage
 
 EMBEDDING = "image_embedding"
@@ -59,13 +59,23 @@ def spherical_kmeans(x: np.ndarray, clusters: int, iterations: int, seed: int) -
 
 
 def fit_centroids(keys: ray.data.Dataset, rows: int, cfg: NearDupConfig) -> np.ndarray:
-    """Centroids from a seeded sample of about `kmeans_sample_rows` of the `rows` member rows."""
+    """Centroids from about `kmeans_sample_rows` of the `rows` member rows, picked and ordered by
+    their sample_id (a seeded hash): the same centroids whatever the blocks' layout or order."""
     fraction = min(1.0, cfg.kmeans_sample_rows / rows)
-    sample = keys.random_sample(fraction, seed=cfg.seed).select_columns(["value"]) if fraction < 1 else \
-        keys.select_columns(["value"])
+    sample = keys.map_batches(hash_sample, fn_kwargs={"fraction": fraction, "seed": cfg.seed},
+                              batch_format="pyarrow")
     tables = [t for t in ray.get(sample.to_arrow_refs()) if len(t)]
-    x = unit_rows(pa.concat_tables(tables)["value"])
+    x = unit_rows(pa.concat_tables(tables).sort_by("sample_id")["value"])
     return spherical_kmeans(x, cfg.embedding_buckets, cfg.kmeans_iterations, cfg.seed)
+
+
+def hash_sample(batch: pa.Table, fraction: float, seed: int) -> pa.Table:
+    """The rows whose seeded sample_id hash falls in the lowest `fraction` (sample_id, value)."""
+    batch = batch.select(["sample_id", "value"])
+    if fraction >= 1.0:
+        return batch
+    picked = seeded_order(batch["sample_id"].to_pylist(), seed) <= np.uint64(fraction * float(2**64 - 1))
+    return batch.filter(pa.array(picked))
 
 
 def assign_buckets(batch: pa.Table, centroids: np.ndarray, assignments: int) -> pa.Table:
@@ -135,8 +145,7 @@ def apply_embedding_dedup(ds: ray.data.Dataset, cfg: NearDupConfig, output: str,
                           index=None, stage_name: str = "embedding_dedup") -> ray.data.Dataset:
     """Kept rows of `ds` (needs sample_id, source, image_embedding); near-dups go to the ledger.
 
-    `index` (a `DedupIndex`) adds the embeddings of earlier runs, which always win,
-    and receives the embeddings of this run's kept rows as they stream out.
+    `index` (a `DedupIndex`) adds the embeddings of earlier runs, which always win.
     """
     return run_near_dup(ds, EMBEDDING, cfg.embedding_quality_column, partial(embedding_drops, cfg=cfg), output,
                         storage, index, stage_name)

@@ -20,9 +20,13 @@ Keep rule per cluster, first criterion first:
 from __future__ import annotations
 
 import hashlib
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
@@ -53,12 +57,13 @@ def member_rows(batch: pa.Table, value_column: str, quality_column: str | None, 
                      "value": batch[value_column]})
 
 
-def source_rank(sources: np.ndarray, keep_priority: list[str], drop_first: list[str]) -> np.ndarray:
+def source_rank(sources, keep_priority, drop_first) -> np.ndarray:
     """0.. for `keep_priority` in order, then unlisted sources, then `drop_first` in order."""
     ranks = {s: i for i, s in enumerate(keep_priority)}
     unlisted = len(keep_priority)
     ranks.update({s: unlisted + 1 + i for i, s in enumerate(drop_first)})
-    return np.array([ranks.get(s, unlisted) for s in sources], dtype=np.int64)
+    names, inverse = np.unique(np.asarray(sources, dtype=object).astype(str), return_inverse=True)
+    return np.array([ranks.get(s, unlisted) for s in names], dtype=np.int64)[inverse.reshape(-1)]
 
 
 def seeded_order(sample_ids, seed: int) -> np.ndarray:
@@ -68,18 +73,54 @@ def seeded_order(sample_ids, seed: int) -> np.ndarray:
                      for s in sample_ids], dtype=np.uint64)
 
 
-def choose_keepers(members: pa.Table, cluster: np.ndarray, cfg: NearDupConfig) -> np.ndarray:
+@dataclass(frozen=True)
+class KeepRule:
+    """RS5M's keep rule among copies (near-dup clusters, rows sharing a URL): see the module doc.
+
+    The one implementation of the order; picklable (Ray ships it to workers). `quality_column`
+    names the column that a table-level caller (URL dedup) reads quality from; None = no quality.
+    """
+
+    keep_priority: tuple[str, ...]
+    drop_first: tuple[str, ...]
+    seed: int
+    quality_column: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: NearDupConfig, quality_column: str | None = None) -> "KeepRule":
+        return cls(tuple(cfg.keep_priority), tuple(cfg.drop_first), cfg.seed, quality_column)
+
+    def order(self, sample_ids, sources, quality=None, from_index=None, group=None) -> np.ndarray:
+        """Row indices sorted by group, then best-to-keep first within each group."""
+        n = len(sample_ids)
+        keys = [seeded_order(sample_ids, self.seed)]
+        if quality is not None:
+            q = np.asarray(quality, dtype=np.float64)
+            keys.append(-np.where(np.isnan(q), -np.inf, q))  # highest first, missing last
+        keys.append(source_rank(sources, self.keep_priority, self.drop_first))
+        if from_index is not None:
+            keys.append(~np.asarray(from_index, dtype=bool))
+        keys.append(np.zeros(n, dtype=np.int64) if group is None else np.asarray(group))
+        return np.lexsort(keys)
+
+    def keepers(self, group: np.ndarray, sample_ids, sources, quality=None, from_index=None) -> np.ndarray:
+        """For each row, the index of its group's kept row (groups: labels 0..k-1)."""
+        group = np.asarray(group, dtype=np.int64)
+        order = self.order(sample_ids, sources, quality, from_index, group)
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = group[order][1:] != group[order][:-1]
+        keeper_of_group = np.empty(group.max() + 1 if len(group) else 0, dtype=np.int64)
+        keeper_of_group[group[order][first]] = order[first]
+        return keeper_of_group[group]
+
+
+def choose_keepers(members: pa.Table, cluster: np.ndarray, cfg: NearDupConfig | KeepRule) -> np.ndarray:
     """For each member row, the index of its cluster's kept row (per the keep rule above)."""
-    sources = members["source"].to_numpy(zero_copy_only=False)
-    quality = pc.fill_null(members["quality"], -np.inf).to_numpy(zero_copy_only=False)
-    from_index = members["from_index"].to_numpy(zero_copy_only=False).astype(bool)
-    order = np.lexsort((seeded_order(members["sample_id"].to_pylist(), cfg.seed), -quality,
-                        source_rank(sources, cfg.keep_priority, cfg.drop_first), ~from_index, cluster))
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = cluster[order][1:] != cluster[order][:-1]
-    keeper_of_cluster = np.empty(cluster.max() + 1 if len(cluster) else 0, dtype=np.int64)
-    keeper_of_cluster[cluster[order][first]] = order[first]
-    return keeper_of_cluster[cluster]
+    rule = cfg if isinstance(cfg, KeepRule) else KeepRule.from_config(cfg)
+    return rule.keepers(cluster, members["sample_id"].to_pylist(),
+                        members["source"].to_numpy(zero_copy_only=False),
+                        quality=members["quality"].to_numpy(zero_copy_only=False),
+                        from_index=members["from_index"].to_numpy(zero_copy_only=False))
 
 
 def clusters(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -116,22 +157,66 @@ def resolve_drops(cfg: NearDupConfig, distance_detail: Callable, *edge_tables: p
     }, schema=DROPS_SCHEMA)
 
 
+class DropLookup:
+    """A drops table and a hash index of its sample_ids, built once and probed per batch.
+
+    (`pc.index_in(batch, drops)` would rebuild the hash table of all drops on every batch.)
+    """
+
+    def __init__(self, drops: pa.Table):
+        index = pd.Index(drops["sample_id"].to_numpy(zero_copy_only=False), dtype=object)
+        if not index.is_unique:  # first mark wins, as index_in did
+            first = ~index.duplicated(keep="first")
+            drops, index = drops.filter(pa.array(first)), index[first]
+        self.drops = drops
+        self.index = index
+
+    def positions(self, sample_ids: pa.Array | pa.ChunkedArray) -> pa.Array:
+        """Row of each sample_id in the drops table, null where it is not there."""
+        pos = self.index.get_indexer(pd.Index(sample_ids.to_numpy(zero_copy_only=False), dtype=object))
+        return pa.array(pos, pa.int64(), mask=pos < 0)
+
+    def mark(self, batch: pa.Table) -> pa.Table:
+        where = self.positions(batch["sample_id"])
+        return mark_dropped(batch, pc.is_valid(where), pc.take(self.drops["drop_reason"], where),
+                            pc.take(self.drops["drop_detail"], where))
+
+
+# Per process, the lookups of the latest drops ObjectRefs: Ray runs the marker as tasks and
+# deserialises the stage per task, so a per-instance lookup alone would be rebuilt per task.
+_LOOKUPS: OrderedDict[tuple[int, str], DropLookup] = OrderedDict()
+_LOOKUPS_KEPT = 2  # the pHash and the embedding marker of one run
+
+
 class MarkNearDups:
-    """Stage: mark the rows named in a drops table (an ObjectRef resolved once per worker)."""
+    """Stage: mark the rows named in a drops table (an ObjectRef resolved once per worker process)."""
 
     def __init__(self, drops: ray.ObjectRef | pa.Table):
         self._drops = drops
+        self._lookup: DropLookup | None = None
+
+    def __getstate__(self) -> dict:
+        return {"_drops": self._drops, "_lookup": None}  # workers build their own
+
+    def lookup(self) -> DropLookup:
+        if self._lookup is None:
+            if isinstance(self._drops, ray.ObjectRef):
+                key = (os.getpid(), self._drops.hex())
+                if key not in _LOOKUPS:
+                    _LOOKUPS[key] = DropLookup(ray.get(self._drops))
+                    while len(_LOOKUPS) > _LOOKUPS_KEPT:
+                        _LOOKUPS.popitem(last=False)
+                _LOOKUPS.move_to_end(key)
+                self._lookup = _LOOKUPS[key]
+            else:
+                self._lookup = DropLookup(self._drops)
+        return self._lookup
 
     def drops(self) -> pa.Table:
-        if isinstance(self._drops, ray.ObjectRef):
-            self._drops = ray.get(self._drops)
-        return self._drops
+        return self.lookup().drops
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        drops = self.drops()
-        where = pc.index_in(batch["sample_id"], drops["sample_id"])
-        return mark_dropped(batch, pc.is_valid(where), pc.take(drops["drop_reason"], where),
-                            pc.take(drops["drop_detail"], where))
+        return self.lookup().mark(batch)
 
 
 def run_near_dup(ds, value_column: str, quality_column: str | None, find_drops: Callable, output: str,
@@ -139,7 +224,7 @@ def run_near_dup(ds, value_column: str, quality_column: str | None, find_drops: 
     """Shared frame of both joins: member rows (+ index rows) -> `find_drops` -> marked, ledgered stream.
 
     `find_drops(keys)` returns an ObjectRef of the drops table. `index` (a DedupIndex
-    or None) adds earlier runs' values and receives this run's kept values.
+    or None) adds earlier runs' values; this run's enter it when their shards commit.
     """
     ds = ds.materialize()  # read twice (join, then marking): never rerun upstream stages
     keys = ds.map_batches(member_rows, fn_kwargs={"value_column": value_column, "quality_column": quality_column,
@@ -150,5 +235,4 @@ def run_near_dup(ds, value_column: str, quality_column: str | None, find_drops: 
                                                                   "quality_column": None, "from_index": True},
                                           batch_format="pyarrow"))
     marker = Accounted(stage_name, output, storage, MarkNearDups(find_drops(keys)))
-    kept = ds.map_batches(marker, batch_format="pyarrow")
-    return index.append(kept, value_column) if index is not None else kept
+    return ds.map_batches(marker, batch_format="pyarrow")

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rs5m_ray.arrays import null_except, string_buffers
 from rs5m_ray.ledger import batch_key, mark_dropped, write_parquet
 from rs5m_ray.storage import Storage, join
 
@@ -62,17 +63,21 @@ def _database(keywords: tuple[str, ...]) -> hyperscan.Database:
 def keyword_occurrences(captions: pa.Array | pa.ChunkedArray, keywords) -> tuple[np.ndarray, np.ndarray]:
     """(row, keyword index) of every occurrence of a keyword inside one non-null caption."""
     keywords = tuple(k.lower() for k in keywords)
-    if isinstance(captions, pa.ChunkedArray):
-        captions = captions.combine_chunks()
+    if isinstance(captions, pa.ChunkedArray):  # each chunk scanned in place, no concatenation
+        if captions.num_chunks == 1:
+            return keyword_occurrences(captions.chunk(0), keywords)
+        found = [(r + start, k) for (r, k), start in
+                 zip((keyword_occurrences(c, keywords) for c in captions.chunks),
+                     np.cumsum([0] + [len(c) for c in captions.chunks[:-1]]))]
+        if not found:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate([r for r, _ in found]), np.concatenate([k for _, k in found])
     if not pa.types.is_string(captions.type) and not pa.types.is_large_string(captions.type):
         raise TypeError(f"captions must be strings, got {captions.type}")
-    offset_type = np.int64 if pa.types.is_large_string(captions.type) else np.int32
-    offsets = np.frombuffer(captions.buffers()[1], offset_type, len(captions) + 1,
-                            captions.offset * np.dtype(offset_type).itemsize).astype(np.int64)
-    data = captions.buffers()[2]
+    offsets, data = string_buffers(captions)
     found: list[tuple[int, int]] = []
-    if data is not None and offsets[-1] > offsets[0]:
-        _database(keywords).scan(memoryview(data)[offsets[0]:offsets[-1]],
+    if offsets[-1] > offsets[0]:
+        _database(keywords).scan(memoryview(data[offsets[0]:offsets[-1]]),
                                  match_event_handler=lambda kid, _start, end, _flags, _ctx: found.append((kid, end)))
     kids, ends = np.array(found, np.int64).reshape(-1, 2).T
     ends = ends + offsets[0]
@@ -116,10 +121,14 @@ class KeywordFilter:
         keywords = matched_keywords(batch["caption"], self.keywords)
         hit = pc.is_valid(keywords)
         batch = mark_dropped(batch, pc.invert(hit), "keyword_miss")
-        # Misses are nearly every input row: their ledger rows keep no caption (sample_id locates them).
-        captions = pc.if_else(hit, batch["caption"], pa.scalar(None, batch["caption"].type))
-        batch = batch.set_column(batch.schema.get_field_index("caption"), "caption", captions)
-        if self.output is not None and pc.any(hit).as_py():
+        # Misses are nearly every input row: their ledger rows keep neither URL nor caption (the
+        # sample_id locates them in the input). Nulled without copying the misses' bytes.
+        keep = hit.to_numpy(zero_copy_only=False)
+        for name in ("url", "caption"):
+            if name in batch.column_names:
+                i = batch.schema.get_field_index(name)
+                batch = batch.set_column(i, name, null_except(batch[name], keep))
+        if self.output is not None and keep.any():
             self._write_counts(batch, batch["source"].filter(hit), keywords.filter(hit))
         return batch.append_column("keywords", keywords)
 

@@ -172,8 +172,7 @@ def apply_phash_dedup(ds: ray.data.Dataset, cfg: NearDupConfig, output: str, sto
                       index=None, stage_name: str = "phash_dedup") -> ray.data.Dataset:
     """Kept rows of `ds` (needs sample_id, source, phash); near-dups go to the ledger.
 
-    `index` (a `DedupIndex`) adds the hashes of earlier runs, which always win, and
-    receives the hashes of this run's kept rows as they stream out.
+    `index` (a `DedupIndex`) adds the hashes of earlier runs, which always win.
     """
     return run_near_dup(ds, PHASH, cfg.phash_quality_column, partial(phash_drops, cfg=cfg), output, storage,
                         index, stage_name)
