@@ -13,9 +13,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-_POW10 = 10 ** np.arange(1, 19, dtype=np.int64)
-
-
 def string_buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(offsets as int64, length len + 1, into `data`; data as uint8) of a string/binary array, zero-copy
     except for the offsets' widening."""
@@ -34,29 +31,57 @@ def valid_mask(arr: pa.Array) -> np.ndarray:
     return pc.is_valid(arr).to_numpy(zero_copy_only=False)
 
 
+_DIGITS4 = np.frombuffer(b"".join(f"{i:04d}".encode() for i in range(10_000)), np.uint8).reshape(-1, 4)
+
+
 def sample_ids(prefix: str, first_row: int, n: int) -> pa.Array:
-    """`<prefix>_<row>` for rows first_row .. first_row + n - 1, built in numpy (no per-row formatting)."""
-    head = np.frombuffer(f"{prefix}_".encode(), np.uint8)
-    rows = np.arange(first_row, first_row + n, dtype=np.int64)
-    digits = 1 + np.searchsorted(_POW10, rows, side="right")
+    """`<prefix>_<row>` for rows first_row .. first_row + n - 1, built in numpy without per-row
+    formatting: rows are consecutive, so within a run of rows sharing everything but their last
+    four digits those digits are a contiguous slice of a '0000'..'9999' table."""
+    head = f"{prefix}_".encode()
+    last = first_row + n
+    # Runs end where the part above the last four digits changes (every 10,000 rows) and where
+    # the digit count changes below 10,000.
+    cuts = sorted({first_row, last, *range((first_row // 10_000 + 1) * 10_000, last, 10_000),
+                   *(p for p in (10, 100, 1000) if first_row < p < last)})
+    lengths = np.empty(n, np.int64)
+    pieces = []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        hi, lo = divmod(a, 10_000)
+        if hi:
+            run_prefix, digits = head + str(hi).encode(), _DIGITS4[lo:lo + b - a]
+        else:
+            width = len(str(a))
+            run_prefix, digits = head, _DIGITS4[lo:lo + b - a, 4 - width:]
+        block = np.empty((b - a, len(run_prefix) + digits.shape[1]), np.uint8)
+        block[:, :len(run_prefix)] = np.frombuffer(run_prefix, np.uint8)
+        block[:, len(run_prefix):] = digits
+        pieces.append(block.reshape(-1))
+        lengths[a - first_row:b - first_row] = block.shape[1]
     offsets = np.zeros(n + 1, np.int64)
-    np.cumsum(len(head) + digits, out=offsets[1:])
+    np.cumsum(lengths, out=offsets[1:])
     if offsets[-1] >= 2**31:
         raise ValueError("sample_id batch too large for a string array")
-    data = np.empty(offsets[-1], np.uint8)
-    # Rows increase, so each digit count is one contiguous run: fill it as a 2-D block.
-    bounds = np.flatnonzero(np.diff(digits)) + 1
-    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, n]):
-        if lo == hi:
-            continue
-        d = int(digits[lo])
-        block = np.empty((hi - lo, len(head) + d), np.uint8)
-        block[:, :len(head)] = head
-        r = rows[lo:hi]
-        for k in range(d):
-            block[:, len(head) + d - 1 - k] = (r // 10**k) % 10 + 48
-        data[offsets[lo]:offsets[hi]] = block.ravel()
+    data = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
     return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)])
+
+
+def is_valid_utf8(arr: pa.Array) -> bool:
+    """Every value of a string/binary array is valid UTF-8. Checked on the whole data buffer at
+    once (all-ASCII buffers by one max(); else one validation of the concatenation plus no value
+    starting inside a character), not value by value."""
+    offsets, data = string_buffers(arr)
+    region = data[offsets[0]:offsets[-1]]
+    if not len(region) or region.max() < 0x80:
+        return True
+    whole = pa.Array.from_buffers(pa.string(), 1, [None, pa.py_buffer(np.array([0, len(region)], np.int32)),
+                                                   pa.py_buffer(region)])
+    try:
+        whole.validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    starts = offsets[:-1][offsets[:-1] < offsets[-1]] - offsets[0]
+    return not ((region[starts] & 0xC0) == 0x80).any()
 
 
 @functools.lru_cache(maxsize=8)
@@ -119,41 +144,52 @@ def blank_mask(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return blank
 
 
-def null_except(arr: pa.Array | pa.ChunkedArray, keep: np.ndarray) -> pa.Array | pa.ChunkedArray:
-    """`arr` with every row outside `keep` set to null (and zero length): the data of dropped rows is
-    not copied, only that of the kept ones. Equals `if_else(keep, arr, null)`."""
-    if isinstance(arr, pa.ChunkedArray):
-        chunks, start = [], 0
-        for c in arr.chunks:
-            chunks.append(null_except(c, keep[start:start + len(c)]))
-            start += len(c)
-        return pa.chunked_array(chunks, arr.type)
+def _lengths(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    chunks = arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
+    return np.concatenate([np.diff(string_buffers(c)[0]) for c in chunks] or [np.zeros(0, np.int64)])
+
+
+def null_except(arr: pa.Array | pa.ChunkedArray, keep: np.ndarray) -> pa.Array:
+    """`arr` with every row outside `keep` set to null (and zero length), as one array: the data of
+    dropped rows is not copied, only that of the kept ones. Equals `if_else(keep, arr, null)`."""
     keep = keep & valid_mask(arr)
-    offsets, data = string_buffers(arr)
-    lengths = np.where(keep, np.diff(offsets), 0)
+    lengths = np.where(keep, _lengths(arr), 0)
     large = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
-    new_offsets = np.zeros(len(arr) + 1, np.int64 if large else np.int32)
-    np.cumsum(lengths, out=new_offsets[1:])
+    offsets = np.zeros(len(arr) + 1, np.int64 if large else np.int32)
+    np.cumsum(lengths, out=offsets[1:])
     kept = arr.filter(pa.array(keep))
+    if isinstance(kept, pa.ChunkedArray):
+        kept = kept.combine_chunks()
     k_offsets, k_data = string_buffers(kept)
     body = k_data[k_offsets[0]:k_offsets[-1]] if len(kept) else np.zeros(0, np.uint8)
     validity = pa.py_buffer(np.packbits(keep, bitorder="little"))
-    return pa.Array.from_buffers(arr.type, len(arr), [validity, pa.py_buffer(new_offsets), pa.py_buffer(body)],
+    return pa.Array.from_buffers(arr.type, len(arr), [validity, pa.py_buffer(offsets), pa.py_buffer(body)],
                                  null_count=int(len(arr) - keep.sum()))
 
 
-def constant_value(arr: pa.Array | pa.ChunkedArray):
-    """The single value of a string array holding one non-null value in every row, else None.
-    Checked on the buffers (lengths, then bytes), no hashing."""
+def constant_value(arr: pa.Array | pa.ChunkedArray, skip_nulls: bool = False):
+    """The single value of a string array holding it in every row (with `skip_nulls`, in every
+    non-null row, there being one), else None. Checked on the buffers (lengths, then bytes), no hashing."""
     if isinstance(arr, pa.ChunkedArray):
-        values = {constant_value(c) for c in arr.chunks if len(c)}
-        return values.pop() if len(values) == 1 and None not in values else None
-    if len(arr) == 0 or arr.null_count or not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        arr = arr.combine_chunks()
+    if pa.types.is_dictionary(arr.type):
+        if len(arr.dictionary) == 1 and arr.null_count == 0 and len(arr):
+            return arr.dictionary[0].as_py()
+        return None
+    if len(arr) == 0 or arr.null_count == len(arr) or (arr.null_count and not skip_nulls) \
+            or not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
         return None
     offsets, data = string_buffers(arr)
-    width = int(offsets[1] - offsets[0])
-    if not (np.diff(offsets) == width).all():
-        return None
+    lengths = np.diff(offsets)
+    if arr.null_count:
+        valid = valid_mask(arr)
+        width = int(lengths[np.argmax(valid)])
+        if not (lengths == np.where(valid, width, 0)).all():  # null slots must hold no bytes
+            return None
+    else:
+        width = int(lengths[0])
+        if not (lengths == width).all():
+            return None
     body = data[offsets[0]:offsets[-1]]
     if width and not (body.reshape(-1, width) == body[:width]).all():
         return None

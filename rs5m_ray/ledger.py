@@ -18,10 +18,12 @@ import time
 from collections import Counter
 from typing import Any, Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from rs5m_ray.arrays import constant_value
 from rs5m_ray.storage import Storage, join
 
 DROP_REASON = "drop_reason"
@@ -62,11 +64,34 @@ def ensure_drop_columns(table: pa.Table) -> pa.Table:
 
 
 def kept(table: pa.Table) -> pa.Table:
-    return table.filter(pc.is_null(table[DROP_REASON]))
+    return take_rows(table, _null_mask(table[DROP_REASON]))
 
 
 def dropped(table: pa.Table) -> pa.Table:
-    return table.filter(pc.is_valid(table[DROP_REASON]))
+    return take_rows(table, ~_null_mask(table[DROP_REASON]))
+
+
+def _null_mask(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    if column.null_count == len(column):
+        return np.ones(len(column), bool)
+    return pc.is_null(column).to_numpy(zero_copy_only=False)
+
+
+MAX_SLICES = 32
+
+
+def take_rows(table: pa.Table, mask: np.ndarray) -> pa.Table:
+    """The rows of `table` where `mask` holds. No copy when all or none are taken, zero-copy slices
+    when they form a few runs (a batch with a handful of drops), else one filter."""
+    n = int(mask.sum())
+    if n == len(table):
+        return table
+    if n == 0:
+        return table.slice(0, 0)
+    edges = np.flatnonzero(np.diff(np.r_[False, mask, False].astype(np.int8)))
+    if len(edges) // 2 <= MAX_SLICES:
+        return pa.concat_tables([table.slice(a, b - a) for a, b in zip(edges[::2], edges[1::2])])
+    return table.filter(pa.array(mask))
 
 
 def batch_key(table: pa.Table) -> str:
@@ -104,29 +129,80 @@ class Accounted:
             raise RuntimeError(f"stage {self.stage_name} returned {len(result)} rows for {len(batch)}: "
                                "stages must mark drops, not remove rows")
         key = batch_key(batch)
-        out = kept(result)
-        gone = dropped(result)
-        if len(gone):
-            write_ledger(self.storage, self.output, self.stage_name, key, gone)
+        keep = _null_mask(result[DROP_REASON])
+        out = take_rows(result, keep)
+        if not keep.all():
+            write_ledger(self.storage, self.output, self.stage_name, key, ledger_rows(result, ~keep))
         write_stats(self.storage, self.output, self.stage_name, key, batch, out, seconds)
         return out.drop_columns([DROP_REASON, DROP_DETAIL])
+
+
+# Ledger files: the string columns that repeat one value per batch (source, stage, reason, detail)
+# are dictionary pages of a few bytes; sample_ids, URLs and captions are plain pages (dictionaries
+# only cost time on unique values). No column statistics: ledgers are read whole, never pruned.
+LEDGER_DICTIONARY_COLUMNS = ["source", "stage", DROP_REASON, DROP_DETAIL]
+LEDGER_COMPRESSION = "zstd"
+
+
+def ledger_rows(result: pa.Table, gone: np.ndarray) -> pa.Table:
+    """The ledger's columns of the rows where `gone` holds. Only the per-row columns are gathered:
+    a column that is null there, or holds one value there (a batch's source and drop reason,
+    nearly always), becomes a null column or a one-entry dictionary."""
+    n = int(gone.sum())
+    cols = {}
+    for c in LEDGER_COLUMNS:
+        if c not in result.column_names:
+            continue
+        col = result[c]
+        if col.null_count == len(col):
+            cols[c] = pa.nulls(n, pa.string())
+            continue
+        # Drop reasons are non-null exactly on the dropped rows; a source constant on the batch is so on them.
+        value = constant_value(col, skip_nulls=True) if c == DROP_REASON else \
+            constant_value(col) if c in LEDGER_DICTIONARY_COLUMNS else None
+        cols[c] = _repeat_dictionary(value, n) if value is not None else take_rows(pa.table({c: col}), gone)[c]
+    return pa.table(cols)
+
+
+def _repeat_dictionary(value: str, n: int) -> pa.DictionaryArray:
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value], pa.string()))
 
 
 def write_ledger(storage: Storage, output: str, stage: str, key: str, rows: pa.Table) -> None:
     """Dropped rows, with their counts per source and reason in the file footer (the report
     reads only footers: a keyword stage's ledger holds nearly every input row)."""
     n = len(rows)
-    cols = {c: rows[c] if c in rows.column_names else pa.nulls(n, pa.string()) for c in LEDGER_COLUMNS if c != "stage"}
-    cols["stage"] = pa.repeat(stage, n)
-    table = pa.table({c: pc.cast(cols[c], pa.string()) for c in LEDGER_COLUMNS})
-    per_reason = pa.table({"source": table["source"], "reason": table[DROP_REASON]}).group_by(
-        ["source", "reason"]).aggregate([([], "count_all")])
-    # near_dup_of:<id> -> near_dup_of, on the groups rather than on every row
-    reasons = pc.replace_substring_regex(per_reason["reason"], ":.*", "")
-    counts = pa.table({"source": per_reason["source"], "reason": reasons, "n": per_reason["count_all"]}).group_by(
-        ["source", "reason"]).aggregate([("n", "sum")]).rename_columns(["source", "reason", "count_all"]).to_pylist()
-    table = table.replace_schema_metadata({LEDGER_COUNTS: json.dumps(counts)})
-    write_parquet(storage, join(output, "ledger", stage, f"{key}.parquet"), table)
+    cols = {}
+    for c in LEDGER_COLUMNS:
+        col = _repeat_dictionary(stage, n) if c == "stage" else \
+            rows[c] if c in rows.column_names else pa.nulls(n, pa.string())
+        if col.type != pa.string() and col.type != pa.dictionary(pa.int32(), pa.string()):
+            col = pc.cast(col, pa.string())
+        cols[c] = col
+    # A constant column goes to the writer as a one-entry dictionary.
+    constants = {c: constant_value(cols[c]) for c in LEDGER_DICTIONARY_COLUMNS}
+    for c, value in constants.items():
+        if value is not None and not pa.types.is_dictionary(cols[c].type):
+            cols[c] = _repeat_dictionary(value, n)
+    source, reason = constants["source"], constants[DROP_REASON]
+    if source is not None and reason is not None:  # the usual batch: one source, one reason
+        counts = [{"source": source, "reason": reason.split(":", 1)[0], "count_all": n}]
+    else:
+        per_reason = pa.table({"source": pc.cast(cols["source"], pa.string()),
+                               "reason": pc.cast(cols[DROP_REASON], pa.string())}).group_by(
+            ["source", "reason"]).aggregate([([], "count_all")])
+        # near_dup_of:<id> -> near_dup_of, on the groups rather than on every row
+        reasons = pc.replace_substring_regex(per_reason["reason"], ":.*", "")
+        counts = pa.table({"source": per_reason["source"], "reason": reasons, "n": per_reason["count_all"]}).group_by(
+            ["source", "reason"]).aggregate([("n", "sum")]).rename_columns(["source", "reason", "count_all"]).to_pylist()
+    table = pa.table(cols)
+    buf = io.BytesIO()
+    # store_schema=False: dictionary columns read back as plain strings, like every other ledger file's.
+    with pq.ParquetWriter(buf, table.schema, compression=LEDGER_COMPRESSION, use_dictionary=LEDGER_DICTIONARY_COLUMNS,
+                          write_statistics=False, store_schema=False) as writer:
+        writer.write_table(table)
+        writer.add_key_value_metadata({LEDGER_COUNTS: json.dumps(counts)})
+    storage.write_atomic(join(output, "ledger", stage, f"{key}.parquet"), buf.getvalue())
 
 
 def ledger_counts(storage: Storage, output: str) -> list[dict]:
@@ -159,6 +235,9 @@ def write_stats(storage: Storage, output: str, stage: str, key: str, batch: pa.T
 def _count_by_source(table: pa.Table) -> dict[str, int]:
     if len(table) == 0:
         return {}
+    source = constant_value(table["source"])
+    if source is not None:
+        return {source: len(table)}
     counts = pc.value_counts(table["source"])
     return {v["values"].as_py(): v["counts"].as_py() for v in counts}
 

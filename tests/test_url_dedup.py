@@ -5,7 +5,6 @@ import ray.data
 
 from rs5m_ray.config import NearDupConfig, load_config
 from rs5m_ray.ledger import read_parquet_dir
-from rs5m_ray.pipelines.pub11 import metadata_stages
 from rs5m_ray.sources.ingest import IngestFiles, list_inputs
 from rs5m_ray.stages.keep_rule import KeepRule
 from rs5m_ray.stages.url_dedup import add_url_bucket, dedup_urls
@@ -73,6 +72,8 @@ def test_url_dedup_output_is_sorted_and_independent_of_input_order():
 
 
 def test_global_dedup_across_sources_and_files_with_exact_ledger(tmp_path, sort_shuffle):
+    from rs5m_ray.pipelines.pub11 import metadata_stages  # TODO(lead): the part-based pipeline's entry point
+
     # 3 LAION parquet files and a CC3M tsv, overlapping URLs across all of them.
     urls = [f"http://img.example/{i}.jpg" for i in range(300)]
     for part in range(3):

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from rs5m_ray.arrays import blank_mask, rows_with_bytes, sample_ids, string_buffers, valid_mask
+from rs5m_ray.arrays import blank_mask, is_valid_utf8, rows_with_bytes, sample_ids, string_buffers, valid_mask
 from rs5m_ray.ledger import mark_dropped
 from rs5m_ray.sources.adapters import SourceAdapter
 from rs5m_ray.storage import Storage
@@ -214,9 +214,7 @@ def _as_text(col: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray | No
     is a drop reason, never a failed task."""
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-        try:
-            col.validate(full=True)
-        except pa.ArrowInvalid:
+        if not is_valid_utf8(col):
             return _decode_per_row(col.view(pa.large_binary() if pa.types.is_large_string(col.type) else pa.binary()))
         return (col if pa.types.is_string(col.type) else pc.cast(col, pa.string())), None
     if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)):
