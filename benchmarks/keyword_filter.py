@@ -81,26 +81,27 @@ def url_pool(rng: np.random.Generator) -> pa.Array:
     return pa.array([f"https://cdn{i % 37}.example.com/{rng.bytes(24).hex()}/photo.jpg" for i in range(10_000)])
 
 
-def closed_loopback_port() -> int:
-    with socket.socket() as s:  # bound, never listening, closed: connections are refused
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def closed_loopback_port() -> tuple[socket.socket, int]:
+    """A loopback port bound but never listening: connecting is refused at once, and no other
+    process can take the port while the returned socket stays open."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock, sock.getsockname()[1]
 
 
-def generate(out: Path, n: int, hit_fraction: float, seed: int = 0, rows_per_file: int = ROWS_PER_FILE
+def generate(out: Path, n: int, hit_fraction: float, port: int, seed: int = 0, rows_per_file: int = ROWS_PER_FILE
              ) -> list[Path]:
-    """LAION-style parquet; every row whose caption hits (planted or natural) gets a loopback URL."""
+    """LAION-style parquet; every row whose caption hits (planted or natural) gets a URL on `port`."""
     rng = np.random.default_rng(seed)
     pool, weights = caption_pool(rng, hit_fraction)
     urls_pool = url_pool(rng)
-    port = closed_loopback_port()
     files = []
     for start in range(0, n, rows_per_file):
         rows = min(rows_per_file, n - start)
         captions = pc.take(pool, rng.choice(len(pool), rows, p=weights))
         ids = pc.cast(pa.array(np.arange(start, start + rows)), pa.string())
         urls = pc.binary_join_element_wise(pc.take(urls_pool, rng.integers(0, len(urls_pool), rows)), ids, "?id=")
-        loopback = pc.binary_join_element_wise(f"http://127.0.0.1:{port}/img", ids, ".jpg")
+        loopback = pc.binary_join_element_wise(f"http://127.0.0.1:{port}/img", ids, ".jpg", "")
         urls = pc.if_else(caption_hits(captions, RS5M_KEYWORDS), loopback, urls)
         path = out / f"part-{start // rows_per_file:05d}.parquet"
         pq.write_table(pa.table({"URL": urls, "TEXT": captions}), path, row_group_size=ROW_GROUP,
@@ -344,7 +345,8 @@ def main() -> None:
         data = tmp / "data"
         data.mkdir()
         t0 = time.perf_counter()
-        files = generate(data, large, args.hit_fraction, rows_per_file=args.rows_per_file)
+        closed, port = closed_loopback_port()  # held until the end: the hits' downloads are refused
+        files = generate(data, large, args.hit_fraction, port, rows_per_file=args.rows_per_file)
         n_small = -(-small // args.rows_per_file)
         small_files = files[:n_small]
         print(f"generated {large:,} rows in {len(files)} parquet files "
@@ -380,6 +382,7 @@ def main() -> None:
         print(f"start-up  {startup_cpu:.1f} CPU-s, {startup_wall:.1f} s wall (fixed cost, extrapolated to 0 rows)")
         print(f"ledger    {b['ledger_bytes'] / b['input_bytes']:.3f}x input bytes at {b['rows']:,} rows "
               f"(keyword_filter ledger {b['keyword_ledger_bytes'] / b['input_bytes']:.3f}x; goal <= 0.05)")
+        closed.close()
 
         stage_rows = small if args.stage_rows is None else args.stage_rows
         if stage_rows:

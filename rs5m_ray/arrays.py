@@ -144,6 +144,22 @@ def blank_mask(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return blank
 
 
+def repeat_where(value: str, mask: np.ndarray) -> pa.Array:
+    """A string array holding `value` where `mask` holds and null (zero length) elsewhere: equals
+    `if_else(mask, value, null)`, built from numpy without a per-row kernel."""
+    raw = value.encode()
+    lengths = np.where(mask, len(raw), 0)
+    offsets = np.zeros(len(mask) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] >= 2**31:
+        raise ValueError("string array too large")
+    count = int(mask.sum())
+    data = np.tile(np.frombuffer(raw, np.uint8), count) if raw else np.zeros(0, np.uint8)
+    return pa.Array.from_buffers(pa.string(), len(mask), [pa.py_buffer(np.packbits(mask, bitorder="little")),
+                                                          pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)],
+                                 null_count=len(mask) - count)
+
+
 def _lengths(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
     chunks = arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
     return np.concatenate([np.diff(string_buffers(c)[0]) for c in chunks] or [np.zeros(0, np.int64)])
@@ -191,6 +207,7 @@ def constant_value(arr: pa.Array | pa.ChunkedArray, skip_nulls: bool = False):
         if not (lengths == width).all():
             return None
     body = data[offsets[0]:offsets[-1]]
-    if width and not (body.reshape(-1, width) == body[:width]).all():
+    # The concatenated values repeat with period `width` iff the body equals itself shifted by it.
+    if width and not np.array_equal(body[width:], body[:-width]):
         return None
     return body[:width].tobytes().decode()

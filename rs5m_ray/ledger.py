@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rs5m_ray.arrays import constant_value
+from rs5m_ray.arrays import constant_value, repeat_where, valid_mask
 from rs5m_ray.storage import Storage, join
 
 DROP_REASON = "drop_reason"
@@ -41,6 +41,15 @@ STATS_SCHEMA = pa.schema(
 def mark_dropped(table: pa.Table, mask: pa.Array, reason: str | pa.Array, detail: Any = None) -> pa.Table:
     """Set drop_reason (and detail) where `mask` is true and the row is not dropped yet."""
     table = ensure_drop_columns(table)
+    if isinstance(reason, str) and table[DROP_REASON].null_count == len(table) and \
+            (detail is None or (isinstance(detail, str) and table[DROP_DETAIL].null_count == len(table))):
+        # Nothing dropped yet (a stage's usual case): the new columns are built, not merged.
+        live = pc.fill_null(mask, False).to_numpy(zero_copy_only=False)
+        table = table.set_column(table.schema.get_field_index(DROP_REASON), DROP_REASON, repeat_where(reason, live))
+        if detail is not None:
+            table = table.set_column(table.schema.get_field_index(DROP_DETAIL), DROP_DETAIL,
+                                     repeat_where(detail, live))
+        return table
     live = pc.and_(pc.fill_null(mask, False), pc.is_null(table[DROP_REASON]))
     reason_arr = _as_string(reason)
     detail_arr = _as_string(detail)
@@ -77,20 +86,23 @@ def _null_mask(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return pc.is_null(column).to_numpy(zero_copy_only=False)
 
 
-MAX_SLICES = 32
+MAX_SLICES = 64
 
 
 def take_rows(table: pa.Table, mask: np.ndarray) -> pa.Table:
-    """The rows of `table` where `mask` holds. No copy when all or none are taken, zero-copy slices
-    when they form a few runs (a batch with a handful of drops), else one filter."""
+    """The rows of `table` where `mask` holds. No copy when all or none are taken; zero-copy slices
+    when they form a few runs (a batch with a handful of drops); when most rows are taken in many
+    runs, the slices concatenated (a memcpy, cheaper than a filter); else one filter."""
     n = int(mask.sum())
     if n == len(table):
         return table
     if n == 0:
         return table.slice(0, 0)
     edges = np.flatnonzero(np.diff(np.r_[False, mask, False].astype(np.int8)))
-    if len(edges) // 2 <= MAX_SLICES:
-        return pa.concat_tables([table.slice(a, b - a) for a, b in zip(edges[::2], edges[1::2])])
+    runs = len(edges) // 2
+    if runs <= MAX_SLICES or 2 * n > len(table):
+        sliced = pa.concat_tables([table.slice(a, b - a) for a, b in zip(edges[::2], edges[1::2])])
+        return sliced if runs <= MAX_SLICES else sliced.combine_chunks()
     return table.filter(pa.array(mask))
 
 
@@ -131,9 +143,10 @@ class Accounted:
         key = batch_key(batch)
         keep = _null_mask(result[DROP_REASON])
         out = take_rows(result, keep)
+        source = constant_value(batch["source"])  # one source per batch, nearly always: counted once
         if not keep.all():
-            write_ledger(self.storage, self.output, self.stage_name, key, ledger_rows(result, ~keep))
-        write_stats(self.storage, self.output, self.stage_name, key, batch, out, seconds)
+            write_ledger(self.storage, self.output, self.stage_name, key, ledger_rows(result, ~keep, source))
+        write_stats(self.storage, self.output, self.stage_name, key, batch, out, seconds, source)
         return out.drop_columns([DROP_REASON, DROP_DETAIL])
 
 
@@ -144,23 +157,25 @@ LEDGER_DICTIONARY_COLUMNS = ["source", "stage", DROP_REASON, DROP_DETAIL]
 LEDGER_COMPRESSION = "zstd"
 
 
-def ledger_rows(result: pa.Table, gone: np.ndarray) -> pa.Table:
+def ledger_rows(result: pa.Table, gone: np.ndarray, source: str | None = None) -> pa.Table:
     """The ledger's columns of the rows where `gone` holds. Only the per-row columns are gathered:
     a column that is null there, or holds one value there (a batch's source and drop reason,
-    nearly always), becomes a null column or a one-entry dictionary."""
+    nearly always), becomes a null column or a one-entry dictionary. `source`: the batch's one
+    source, when known."""
     n = int(gone.sum())
     cols = {}
     for c in LEDGER_COLUMNS:
         if c not in result.column_names:
             continue
         col = result[c]
-        if col.null_count == len(col):
-            cols[c] = pa.nulls(n, pa.string())
+        if col.null_count == len(col) or (col.null_count and not (valid_mask(col) & gone).any()):
+            cols[c] = pa.nulls(n, pa.string())  # e.g. the URLs and captions of keyword misses
             continue
         # Drop reasons are non-null exactly on the dropped rows; a source constant on the batch is so on them.
         value = constant_value(col, skip_nulls=True) if c == DROP_REASON else \
+            source if c == "source" and source is not None else \
             constant_value(col) if c in LEDGER_DICTIONARY_COLUMNS else None
-        cols[c] = _repeat_dictionary(value, n) if value is not None else take_rows(pa.table({c: col}), gone)[c]
+        cols[c] = _repeat_dictionary(value, n) if value is not None else col.filter(pa.array(gone))
     return pa.table(cols)
 
 
@@ -195,10 +210,15 @@ def write_ledger(storage: Storage, output: str, stage: str, key: str, rows: pa.T
         reasons = pc.replace_substring_regex(per_reason["reason"], ":.*", "")
         counts = pa.table({"source": per_reason["source"], "reason": reasons, "n": per_reason["count_all"]}).group_by(
             ["source", "reason"]).aggregate([("n", "sum")]).rename_columns(["source", "reason", "count_all"]).to_pylist()
-    table = pa.table(cols)
+    # Columns without nulls are declared so: the writer then skips their definition levels.
+    table = pa.Table.from_arrays(list(cols.values()), schema=pa.schema(
+        [pa.field(c, v.type, nullable=bool(v.null_count)) for c, v in cols.items()]))
     buf = io.BytesIO()
     # store_schema=False: dictionary columns read back as plain strings, like every other ledger file's.
-    with pq.ParquetWriter(buf, table.schema, compression=LEDGER_COMPRESSION, use_dictionary=LEDGER_DICTIONARY_COLUMNS,
+    # One-value and all-null columns are a few bytes of RLE: compressing them only costs time.
+    compression = {c: "none" if pa.types.is_dictionary(cols[c].type) or cols[c].null_count == n
+                   else LEDGER_COMPRESSION for c in LEDGER_COLUMNS}
+    with pq.ParquetWriter(buf, table.schema, compression=compression, use_dictionary=LEDGER_DICTIONARY_COLUMNS,
                           write_statistics=False, store_schema=False) as writer:
         writer.write_table(table)
         writer.add_key_value_metadata({LEDGER_COUNTS: json.dumps(counts)})
@@ -217,9 +237,12 @@ def ledger_counts(storage: Storage, output: str) -> list[dict]:
 
 
 def write_stats(storage: Storage, output: str, stage: str, key: str, batch: pa.Table,
-                out: pa.Table, seconds: float) -> None:
-    rows_in = _count_by_source(batch)
-    rows_out = _count_by_source(out)
+                out: pa.Table, seconds: float, source: str | None = None) -> None:
+    """Rows in and out per source; `source`: the batch's one source, when known."""
+    if source is not None:
+        rows_in, rows_out = {source: len(batch)}, {source: len(out)}
+    else:
+        rows_in, rows_out = _count_by_source(batch), _count_by_source(out)
     sources = sorted(rows_in)
     total = max(len(batch), 1)
     table = pa.table({

@@ -12,8 +12,8 @@ from ray.cluster_utils import Cluster
 
 from rs5m_ray.config import load_config
 from rs5m_ray.ledger import read_parquet_dir
-from rs5m_ray.pipelines.pub11 import metadata_stages
-from rs5m_ray.sources.ingest import IngestFiles, list_inputs
+from rs5m_ray.pipelines.harness import CANDIDATES, Staging
+from rs5m_ray.pipelines.pub11 import ingested, write_candidates
 from rs5m_ray.storage import Storage
 
 
@@ -27,18 +27,16 @@ def main(workdir: str) -> None:
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     ray.init(address=cluster.address, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    cfg = load_config(overrides={"output": f"{workdir}/out", "url_dedup": {"num_partitions": 4},
+    cfg = load_config(overrides={"output": f"{workdir}/out", "parts": {"num_parts": 4},
                                  "ingest": {"sources": [{"name": "laion2b", "paths": [f"{workdir}/*.parquet"]}]}})
     storage = Storage()
-    items = list_inputs(cfg.ingest, storage)
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(IngestFiles(cfg.ingest, cfg.output, storage), batch_size=1, batch_format="pyarrow")
+    ds = ingested(cfg, storage)
 
     def slow(batch):  # keeps tasks in flight long enough for the node to die under them
         time.sleep(0.5)
         return batch
 
-    ds = metadata_stages(ds.map_batches(slow, batch_format="pyarrow"), cfg, storage)
+    staging = Staging(cfg.output, storage)
     killed_at = []
 
     def kill():
@@ -47,7 +45,8 @@ def main(workdir: str) -> None:
 
     killer = threading.Timer(4.0, kill)
     killer.start()
-    kept = pa.Table.from_pandas(ds.to_pandas())
+    parts = write_candidates(ds.map_batches(slow, batch_format="pyarrow"), cfg, storage, staging)
+    kept = pa.concat_tables([pq.read_table(p) for p in staging.paths(CANDIDATES, parts)])
     finished_at = time.monotonic()
     killer.join()
     cluster.add_node(num_cpus=1)

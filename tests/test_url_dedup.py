@@ -1,11 +1,11 @@
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray.data
 
 from rs5m_ray.config import NearDupConfig, load_config
 from rs5m_ray.ledger import read_parquet_dir
-from rs5m_ray.sources.ingest import IngestFiles, list_inputs
+from rs5m_ray.pipelines.harness import CANDIDATES, Staging
+from rs5m_ray.pipelines.pub11 import metadata_phase
 from rs5m_ray.stages.keep_rule import KeepRule
 from rs5m_ray.stages.url_dedup import add_url_bucket, dedup_urls
 from rs5m_ray.storage import Storage
@@ -72,8 +72,6 @@ def test_url_dedup_output_is_sorted_and_independent_of_input_order():
 
 
 def test_global_dedup_across_sources_and_files_with_exact_ledger(tmp_path, sort_shuffle):
-    from rs5m_ray.pipelines.pub11 import metadata_stages  # TODO(lead): the part-based pipeline's entry point
-
     # 3 LAION parquet files and a CC3M tsv, overlapping URLs across all of them.
     urls = [f"http://img.example/{i}.jpg" for i in range(300)]
     for part in range(3):
@@ -81,14 +79,15 @@ def test_global_dedup_across_sources_and_files_with_exact_ledger(tmp_path, sort_
         pq.write_table(pa.table({"URL": chunk, "TEXT": ["aerial view"] * len(chunk)}),
                        tmp_path / f"part-{part}.parquet")
     (tmp_path / "cc3m.tsv").write_text("".join(f"satellite image {i}\t{u}\n" for i, u in enumerate(urls[::5])))
-    cfg = load_config(overrides={"output": str(tmp_path / "out"), "url_dedup": {"num_partitions": 7},
+    cfg = load_config(overrides={"output": str(tmp_path / "out"), "parts": {"num_parts": 7},
                                  "ingest": {"sources": [{"name": "laion2b", "paths": [str(tmp_path / "*.parquet")]},
                                                         {"name": "cc3m", "paths": [str(tmp_path / "*.tsv")]}]}})
     storage = Storage()
-    files = list_inputs(cfg.ingest, storage)
-    ds = ray.data.from_items(files, override_num_blocks=len(files))
-    ds = ds.map_batches(IngestFiles(cfg.ingest, cfg.output, storage), batch_size=1, batch_format="pyarrow")
-    kept = pa.Table.from_pandas(metadata_stages(ds, cfg, storage).to_pandas())
+    staging = Staging(cfg.output, storage)
+    parts = metadata_phase(cfg, storage, staging)
+    assert 1 < len(parts) <= 7 and staging.candidate_parts() == parts
+    kept = pa.concat_tables([pq.read_table(p) for p in staging.paths(CANDIDATES, parts)])
+    assert metadata_phase(cfg, storage, staging) == parts  # done: a rerun reads it back
 
     n_in = 3 * 120 + 60
     assert sorted(kept["url"].to_pylist()) == sorted(set(urls[:280]) | set(urls[::5]))

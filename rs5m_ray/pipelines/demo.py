@@ -49,7 +49,8 @@ def run_demo(out: str, rows_per_source: int = 60, train_epochs: int = 2) -> int:
             "download": {"allow_private_addresses": True, "max_actors": 1},
             # Random tiny-CLIP embeddings of distinct generated images reach cosine 0.996 (0.95 is meant for
             # trained models): a threshold only near-identical images pass keeps the demo's clusters small.
-            "near_dup": {"cosine_threshold": 0.999},
+            # The persistent dedup index: accepted rows enter it once their shard is committed.
+            "near_dup": {"cosine_threshold": 0.999, "index_path": os.path.join(out, "dedup-index")},
             "parts": {"num_parts": 8},
             "shards": {"train_shards": 4, "val_shards": 1},
         })

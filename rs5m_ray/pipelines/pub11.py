@@ -80,9 +80,18 @@ def metadata_phase(cfg: PipelineConfig, storage: Storage, staging: Staging) -> l
     for name in METADATA_OUTPUTS:
         storage.remove(join(cfg.output, name))
     staging.reset_candidates()
+    return write_candidates(ingested(cfg, storage), cfg, storage, staging)
+
+
+def ingested(cfg: PipelineConfig, storage: Storage) -> ray.data.Dataset:
+    """Canonical rows of every input file (one file per task, streamed batch by batch)."""
     files = list_inputs(cfg.ingest, storage)
     ds = ray.data.from_items(files, override_num_blocks=len(files))
-    ds = ds.map_batches(IngestFiles(cfg.ingest, cfg.output, storage), batch_size=1, batch_format="pyarrow")
+    return ds.map_batches(IngestFiles(cfg.ingest, cfg.output, storage), batch_size=1, batch_format="pyarrow")
+
+
+def write_candidates(ds: ray.data.Dataset, cfg: PipelineConfig, storage: Storage, staging: Staging) -> list[str]:
+    """Keyword filter, then rows hash-partitioned on URL into parts, URL dedup inside each part."""
     if cfg.keyword.enabled:
         ds = ds.map_batches(Accounted("keyword_filter", cfg.output, storage,
                                       KeywordFilter(cfg.keyword.keywords, cfg.output, storage)),
@@ -126,7 +135,7 @@ def light_rows(cfg: PipelineConfig, storage: Storage, staging: Staging) -> ray.d
     fs, _ = storage.arrow_fs(paths[0])
     with storage.open(paths[0]) as f:
         columns = [c for c in pq.read_schema(f).names if c != "jpg"]
-    return ray.data.read_parquet([strip_protocol(p) for p in paths], filesystem=fs, columns=columns)
+    return ray.data.read_parquet([strip_protocol(p) for p in paths], filesystem=fs).select_columns(columns)
 
 
 def global_phase(cfg: PipelineConfig, storage: Storage, staging: Staging, ds: ray.data.Dataset | None) -> dict:

@@ -20,7 +20,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from rs5m_ray.arrays import blank_mask, is_valid_utf8, rows_with_bytes, sample_ids, string_buffers, valid_mask
-from rs5m_ray.ledger import mark_dropped
+from rs5m_ray.ledger import DROP_DETAIL, DROP_REASON
 from rs5m_ray.sources.adapters import SourceAdapter
 from rs5m_ray.storage import Storage
 
@@ -179,16 +179,21 @@ def canonicalize(raw: pa.Table, adapter: SourceAdapter, stem: str, first_row: in
     table = pa.table(cols)
 
     url_offsets, _ = string_buffers(url)
+    # One scan for every byte a URL may not hold; which one, only on the (rare) rows found.
+    url_bad = rows_with_bytes(url, b"\x00\t\n\x0c\r ")
+    url_nul = np.zeros(n, bool)
+    if url_bad.any():
+        bad_rows = np.flatnonzero(url_bad)
+        url_nul[bad_rows] = rows_with_bytes(url.take(pa.array(bad_rows)), b"\x00")
     caption_bytes = np.where(valid_mask(caption), np.diff(string_buffers(caption)[0]), 0)
     too_long = caption_bytes > max_caption_bytes
     checks = [  # in order: a row gets the first reason that applies
         (None if url_ok is None else ~url_ok, "invalid_utf8", "url"),
         (None if caption_ok is None else ~caption_ok, "invalid_utf8", "caption"),
         (blank_mask(url), "null_url", None),
-        (rows_with_bytes(url, b"\x00"), "invalid_url", "NUL byte"),
+        (url_nul, "invalid_url", "NUL byte"),
         # not `^\S+$` (RE2's \s is [\t\n\f\r ]): an empty or null URL, or one with such a byte
-        (rows_with_bytes(url, b"\t\n\x0c\r ") | (np.diff(url_offsets) == 0) | ~valid_mask(url),
-         "invalid_url", "whitespace"),
+        (url_bad | (np.diff(url_offsets) == 0) | ~valid_mask(url), "invalid_url", "whitespace"),
         (~valid_mask(caption), "empty_caption", None),
         (rows_with_bytes(caption, b"\x00"), "caption_nul_byte", None),
         (too_long, "caption_too_long", f"> {max_caption_bytes} bytes"),
@@ -197,9 +202,14 @@ def canonicalize(raw: pa.Table, adapter: SourceAdapter, stem: str, first_row: in
         v, _ = _as_text(raw[column])
         checks.append((~pc.fill_null(pc.equal(v, value), False).to_numpy(zero_copy_only=False),
                        f"filtered_{column}", f"!= {value}"))
-    for mask, reason, detail in checks:
+    # A row's reason is that of the first check it fails: one code per row, then two takes.
+    code = np.full(n, -1, np.int16)
+    for i, (mask, _, _) in enumerate(checks):
         if mask is not None and mask.any():
-            table = mark_dropped(table, pa.array(mask), reason, detail)
+            code[(code < 0) & mask] = i
+    index = pa.array(code, mask=code < 0)
+    table = table.append_column(DROP_REASON, pa.array([r for _, r, _ in checks], pa.string()).take(index))
+    table = table.append_column(DROP_DETAIL, pa.array([d for _, _, d in checks], pa.string()).take(index))
     if too_long.any():
         # A rejected giant caption is cut in the ledger; kept captions are never altered.
         clipped = pc.utf8_slice_codeunits(pc.fill_null(caption, ""), 0, max_caption_bytes)
@@ -212,7 +222,8 @@ def _as_text(col: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray | No
 
     String columns (parquet does not validate them) are checked too: a value with invalid UTF-8
     is a drop reason, never a failed task."""
-    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if isinstance(col, pa.ChunkedArray):
+        col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
         if not is_valid_utf8(col):
             return _decode_per_row(col.view(pa.large_binary() if pa.types.is_large_string(col.type) else pa.binary()))

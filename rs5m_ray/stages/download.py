@@ -104,13 +104,14 @@ class DownloadStage:
         self._session: aiohttp.ClientSession | None = None
         self._leases: HostLeases | None = None
         self._slots: asyncio.Semaphore | None = None
+        self._batches = 0  # batches in flight on the event loop (several threads may call the stage)
 
     def __getstate__(self) -> dict:
         # Runtime state (session, leases) is rebuilt lazily wherever the stage lands.
-        return {k: v for k, v in self.__dict__.items() if k not in ("_session", "_leases", "_slots")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_session", "_leases", "_slots", "_batches")}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _session=None, _leases=None, _slots=None)
+        self.__dict__.update(state, _session=None, _leases=None, _slots=None, _batches=0)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         urls = table["url"].to_pylist()
@@ -122,19 +123,38 @@ class DownloadStage:
         reasons = pa.array([r[1] for r in results], pa.string())
         return mark_dropped(table, pc.is_valid(reasons), reasons, pa.array([r[2] for r in results], pa.string()))
 
+    async def fetch(self, url: str | None) -> tuple[bytes | None, str | None, str | None]:
+        """One URL: (body, None, None), or (None, drop reason, detail); never raises for a bad URL/response.
+
+        Run it on `background_loop()` (as `__call__` does: the session and the leases belong
+        to the loop that first used them), e.g. `asyncio.run_coroutine_threadsafe(stage.fetch(u),
+        background_loop())`. Idle host leases go back on their own after a moment; `close()`
+        hands back the rest.
+        """
+        if self._session is None:
+            self._open()
+        return await self._fetch(url)
+
     def close(self) -> None:
         if self._session is not None:
-            asyncio.run_coroutine_threadsafe(self._session.close(), background_loop()).result()
+            async def shut() -> None:
+                await self._leases.drain()
+                await self._session.close()
+
+            asyncio.run_coroutine_threadsafe(shut(), background_loop()).result()
             self._session = None
 
     # -- per batch -------------------------------------------------------------------
     async def _fetch_all(self, urls: list[str | None]) -> list[tuple[bytes | None, str | None, str | None]]:
         if self._session is None:
             self._open()
+        self._batches += 1
         try:
             return await asyncio.gather(*(self._fetch(u) for u in urls))
         finally:
-            await self._leases.drain()
+            self._batches -= 1
+            if not self._batches:  # the last batch in flight hands back what is held (leases linger between batches)
+                await self._leases.drain()
 
     def _open(self) -> None:
         cfg = self.cfg

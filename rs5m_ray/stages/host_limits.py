@@ -31,7 +31,7 @@ from rs5m_ray.config import DownloadConfig
 # Local reuse of leases (only without a rate limit): how long a granted lease may serve
 # one worker's queued requests before it goes back to the book, and how long an idle one
 # is kept for requests that are about to come.
-LEASE_REUSE_S = 2.0
+LEASE_REUSE_S = 5.0
 LEASE_LINGER_S = 0.25
 
 
@@ -214,14 +214,17 @@ class HostLeases:
 
     async def drain(self) -> None:
         """Hand back the idle leases of hosts with no request in flight here; wait for the book calls."""
-        for host, st in list(self._hosts.items()):
-            if len(st.stamps) <= st.idle:  # nothing in use (without reuse, nothing is tracked: all idle go)
-                st.keep_idle_until = 0.0
-                if st.timer is not None:
-                    st.timer.cancel()
-                    st.timer = None
-                self._flush(host)
-        while self._pending:
+        while True:
+            for host, st in list(self._hosts.items()):
+                if len(st.stamps) <= st.idle:  # nothing in use (without reuse nothing is tracked: idle ones go)
+                    st.keep_idle_until = 0.0
+                    if st.timer is not None:
+                        st.timer.cancel()
+                        st.timer = None
+                    self._flush(host)
+            if not self._pending:
+                return
+            # A pending grant may bring back leases nobody waits for any more: hand those back too.
             await asyncio.gather(*list(self._pending), return_exceptions=True)
 
     @staticmethod
@@ -280,8 +283,9 @@ class HostLeases:
             return
         st.timer = None
         n, st.finished = st.finished, 0
-        busy = st.calling or any(not f.done() for f in st.waiters)
-        if st.idle and not busy:
+        # Idle leases go back even while a book call is pending (it may be waiting for them).
+        waiting = any(not f.done() for f in st.waiters)
+        if st.idle and not waiting:
             now = asyncio.get_running_loop().time()
             if now >= st.keep_idle_until:
                 n += st.idle
@@ -290,7 +294,7 @@ class HostLeases:
                 st.idle = 0
             else:
                 self._arm(host, st, st.keep_idle_until - now)
-        if not busy and not st.idle and not st.stamps and st.timer is None:
+        if not waiting and not st.calling and not st.idle and not st.stamps and st.timer is None:
             del self._hosts[host]
         if n:
             self.calls["release"] += 1

@@ -60,9 +60,19 @@ def _database(keywords: tuple[str, ...]) -> hyperscan.Database:
     return database
 
 
+@functools.lru_cache(maxsize=16)
+def _lowered(keywords: tuple[str, ...]) -> bool:
+    return all(k == k.lower() for k in keywords)
+
+
+@functools.lru_cache(maxsize=16)
+def _byte_lengths(keywords: tuple[str, ...]) -> np.ndarray:
+    return np.array([len(k.encode()) for k in keywords], np.int64)
+
+
 def keyword_occurrences(captions: pa.Array | pa.ChunkedArray, keywords) -> tuple[np.ndarray, np.ndarray]:
     """(row, keyword index) of every occurrence of a keyword inside one non-null caption."""
-    keywords = tuple(k.lower() for k in keywords)
+    keywords = keywords if isinstance(keywords, tuple) and _lowered(keywords) else tuple(k.lower() for k in keywords)
     if isinstance(captions, pa.ChunkedArray):  # each chunk scanned in place, no concatenation
         if captions.num_chunks == 1:
             return keyword_occurrences(captions.chunk(0), keywords)
@@ -81,7 +91,7 @@ def keyword_occurrences(captions: pa.Array | pa.ChunkedArray, keywords) -> tuple
                                  match_event_handler=lambda kid, _start, end, _flags, _ctx: found.append((kid, end)))
     kids, ends = np.array(found, np.int64).reshape(-1, 2).T
     ends = ends + offsets[0]
-    starts = ends - np.array([len(k.encode()) for k in keywords], np.int64)[kids]
+    starts = ends - _byte_lengths(keywords)[kids]
     rows = np.searchsorted(offsets, starts, side="right") - 1
     inside = ends <= offsets[rows + 1]
     if captions.null_count:
@@ -102,11 +112,16 @@ def matched_keywords(captions: pa.Array | pa.ChunkedArray, keywords) -> pa.Array
     keywords = tuple(k.lower() for k in keywords)
     rows, kids = keyword_occurrences(captions, keywords)
     pairs = np.unique(rows * len(keywords) + kids)  # sorted by row, then keyword order
-    hit_rows, first = np.unique(pairs // len(keywords), return_index=True)
-    per_row = np.split(pairs % len(keywords), first[1:]) if len(pairs) else []
-    joined = ["|".join(keywords[k] for k in ks) for ks in per_row]
+    joined: list[str] = []
+    last = -1
+    for row, k in zip((pairs // len(keywords)).tolist(), (pairs % len(keywords)).tolist()):  # the hits only
+        if row == last:
+            joined[-1] += "|" + keywords[k]
+        else:
+            joined.append(keywords[k])
+            last = row
     mask = np.zeros(len(captions), bool)
-    mask[hit_rows] = True
+    mask[pairs // len(keywords)] = True
     return pc.replace_with_mask(pa.nulls(len(captions), pa.string()), pa.array(mask), pa.array(joined, pa.string()))
 
 
@@ -118,16 +133,17 @@ class KeywordFilter:
         self.output, self.storage = output, storage
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        keywords = matched_keywords(batch["caption"], self.keywords)
+        captions = batch["caption"]  # scanned as one buffer (a batch may arrive as slices)
+        captions = captions.chunk(0) if captions.num_chunks == 1 else captions.combine_chunks()
+        keywords = matched_keywords(captions, self.keywords)
         hit = pc.is_valid(keywords)
-        batch = mark_dropped(batch, pc.invert(hit), "keyword_miss")
+        keep = hit.to_numpy(zero_copy_only=False)
+        batch = mark_dropped(batch, pa.array(~keep), "keyword_miss")
         # Misses are nearly every input row: their ledger rows keep neither URL nor caption (the
         # sample_id locates them in the input). Nulled without copying the misses' bytes.
-        keep = hit.to_numpy(zero_copy_only=False)
-        for name in ("url", "caption"):
-            if name in batch.column_names:
-                i = batch.schema.get_field_index(name)
-                batch = batch.set_column(i, name, null_except(batch[name], keep))
+        for name, column in (("url", batch["url"] if "url" in batch.column_names else None), ("caption", captions)):
+            if column is not None:
+                batch = batch.set_column(batch.schema.get_field_index(name), name, null_except(column, keep))
         if self.output is not None and keep.any():
             self._write_counts(batch, batch["source"].filter(hit), keywords.filter(hit))
         return batch.append_column("keywords", keywords)
