@@ -1,4 +1,4 @@
-"""Decode and validate stage: every image is opened safely, normalised to RGB and re-encoded.
+"""Decode and validate stage: every image is opened safely, fully decoded, normalised to RGB.
 
 `DecodeStage(cfg)` maps a batch with `image_bytes` to the same rows with `jpg`,
 `width`, `height` (of `jpg`), `orig_width`, `orig_height` (as displayed, after
@@ -17,12 +17,13 @@ import warnings
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import simplejpeg
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from rs5m_ray.config import DecodeConfig
 from rs5m_ray.ledger import mark_dropped
 from rs5m_ray.stages.download import IMAGE_BYTES
-from rs5m_ray.stages.phash import compute_phash
+from rs5m_ray.stages.phash import compute_phash, jpeg_scale_for, phash_of_scaled
 
 RESIZE_MODES = ("keep", "max_side", "shortest_side")
 REENCODE_POLICIES = ("always", "if_needed")
@@ -99,6 +100,11 @@ def decode_image(data: bytes | None, cfg: DecodeConfig) -> dict:
             raise DecodeFailure("too_many_pixels", f"{width}x{height} > {cfg.max_pixels}")
         orientation = _orientation(img)
         target = target_size(width, height, cfg)
+        if (cfg.reencode == "if_needed" and img.format == "JPEG" and img.mode == "RGB" and orientation == 1
+                and target == (width, height)):
+            kept = _kept_jpeg(data, width, height, cfg)
+            if kept is not None:
+                return kept
         if target != (width, height) and img.format == "JPEG":
             img.draft(img.mode, target)  # decode at 1/2, 1/4 or 1/8 scale when that is still big enough
         try:
@@ -130,6 +136,31 @@ def decode_image(data: bytes | None, cfg: DecodeConfig) -> dict:
             "sha256": hashlib.sha256(data).hexdigest(),
             "phash": compute_phash(rgb, cfg.phash_method) if cfg.phash else None,
         }
+
+
+def _kept_jpeg(data: bytes, width: int, height: int, cfg: DecodeConfig) -> dict | None:
+    """A clean RGB JPEG that is kept byte for byte: validated without building its full-size pixels.
+
+    libjpeg decodes the whole entropy-coded stream (every coefficient of every component:
+    truncation and corruption surface exactly as in a full decode) but runs the inverse
+    DCT at 1/8 scale (1/s where the pHash needs more) and for the luma only. Any libjpeg
+    warning, recoverable or not, returns None: the caller then decodes fully with Pillow,
+    whose verdict (kept, `truncated`, `corrupt`) stands as before. Whatever libjpeg accepts
+    strictly, Pillow accepts too (fuzzed over truncations and byte damage).
+    """
+    scale = jpeg_scale_for((width, height)) if cfg.phash else 8
+    try:
+        grey = simplejpeg.decode_jpeg(data, "GRAY", min_height=-(-height // scale), min_width=-(-width // scale),
+                                      strict=True)
+    except Exception:  # ValueError for libjpeg errors and warnings
+        return None
+    if grey.shape[:2] != (-(-height // scale), -(-width // scale)):
+        return None  # libjpeg chose another scale or saw another size: let Pillow decide
+    return {
+        "jpg": data, "width": width, "height": height, "orig_width": width, "orig_height": height,
+        "orig_format": "JPEG", "sha256": hashlib.sha256(data).hexdigest(),
+        "phash": phash_of_scaled(grey, (width, height), scale, cfg.phash_method) if cfg.phash else None,
+    }
 
 
 END_MARKERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82", "GIF": b";"}
