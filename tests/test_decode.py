@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import random
 import struct
 import zlib
 
@@ -13,7 +14,7 @@ from PIL import Image, ImageOps
 
 from rs5m_ray.config import DecodeConfig
 from rs5m_ray.stages.decode import OUTPUT_SCHEMA, DecodeFailure, DecodeStage, decode_image, target_size
-from rs5m_ray.stages.phash import compute_phash
+from rs5m_ray.stages.phash import compute_phash, hamming
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -34,28 +35,31 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-def reason(data, cfg=DecodeConfig()) -> str:
+def reason(data, cfg=None) -> str:
+    cfg = cfg or DecodeConfig()
     with pytest.raises(DecodeFailure) as info:
         decode_image(data, cfg)
     return info.value.why
 
 
-def test_broken_inputs_get_reasons():
+@pytest.mark.parametrize("policy", ["always", "if_needed"])  # if_needed validates kept JPEGs at reduced scale
+def test_broken_inputs_get_reasons(policy):
+    cfg = DecodeConfig(reencode=policy)
     good = encode(Image.new("RGB", (120, 80), (10, 120, 200)), "JPEG")
-    assert reason(b"") == reason(None) == "zero_bytes"
-    assert reason(b"<html><body>not found</body></html>") == "not_an_image"
-    assert reason(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n") == "not_an_image"  # never run Ghostscript
-    assert reason(good[: len(good) // 2]) == "truncated"
-    assert reason(good[:-10]) == "truncated"
+    assert reason(b"", cfg) == reason(None, cfg) == "zero_bytes"
+    assert reason(b"<html><body>not found</body></html>", cfg) == "not_an_image"
+    assert reason(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", cfg) == "not_an_image"  # no Ghostscript
+    assert reason(good[: len(good) // 2], cfg) == "truncated"
+    assert reason(good[:-10], cfg) == "truncated"
     noise = Image.fromarray(np.random.default_rng(1).integers(0, 255, (80, 120, 3), dtype=np.uint8))
     png = encode(noise, "PNG")
-    assert reason(png[: len(png) // 2]) == "truncated"
+    assert reason(png[: len(png) // 2], cfg) == "truncated"
     damaged = bytearray(good)
     damaged[len(good) // 2: len(good) // 2 + 200] = bytes(200)
-    assert decode_image(bytes(damaged), DecodeConfig())["width"] == 120  # damaged data still decodes: kept
-    assert reason(png_header_only(200_000, 200_000)) == "too_many_pixels"
-    assert reason(good, DecodeConfig(max_pixels=120 * 80 - 1)) == "too_many_pixels"
-    assert decode_image(good, DecodeConfig(max_pixels=120 * 80))["width"] == 120
+    assert decode_image(bytes(damaged), cfg)["width"] == 120  # damaged data still decodes: kept
+    assert reason(png_header_only(200_000, 200_000), cfg) == "too_many_pixels"
+    assert reason(good, DecodeConfig(reencode=policy, max_pixels=120 * 80 - 1)) == "too_many_pixels"
+    assert decode_image(good, DecodeConfig(reencode=policy, max_pixels=120 * 80))["width"] == 120
 
 
 @pytest.mark.parametrize("img, fmt, expected", [
@@ -170,7 +174,7 @@ def test_reencode_if_needed_keeps_clean_rgb_jpegs():
     photo = Image.new("RGB", (40, 30), (120, 30, 60))
     jpg = encode(photo, "JPEG", quality=80)
     assert decode_image(jpg, cfg)["jpg"] == jpg
-    assert decode_image(jpg, DecodeConfig())["jpg"] != jpg  # "always" re-encodes
+    assert decode_image(jpg, DecodeConfig(reencode="always"))["jpg"] != jpg
     png = encode(photo, "PNG")
     grey = encode(photo.convert("L"), "JPEG")
     exif = Image.Exif()
@@ -182,3 +186,69 @@ def test_reencode_if_needed_keeps_clean_rgb_jpegs():
     assert decode_image(jpg, DecodeConfig(reencode="if_needed", resize_mode="max_side", resize_size=20))["jpg"] != jpg
     with pytest.raises(ValueError):
         DecodeStage(DecodeConfig(reencode="never"))
+
+
+def photo_jpeg(seed: int, size: tuple[int, int], **kw) -> bytes:
+    """A smooth random scene (waves and blobs, as tests/test_phash.py's) as a JPEG."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size[1], 0:size[0]] / max(size)
+    img = np.zeros((size[1], size[0], 3))
+    for _ in range(6):
+        fx, fy, phase = rng.uniform(0.5, 4, 2).tolist() + [rng.uniform(0, 6.3)]
+        img += rng.uniform(0.2, 1, 3) * np.sin(2 * np.pi * (fx * x + fy * y) + phase)[..., None]
+    for _ in range(5):
+        cx, cy, r = rng.uniform(0, 1, 2).tolist() + [rng.uniform(0.05, 0.2)]
+        img += rng.uniform(-1.5, 1.5, 3) * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / r**2)[..., None]
+    img = (img - img.min()) / (img.max() - img.min()) * 200 + 20 + rng.normal(0, 4, img.shape)
+    return encode(Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), "JPEG", quality=90, **kw)
+
+
+def full_decode_phash(data: bytes) -> int:
+    with Image.open(io.BytesIO(data)) as img:
+        return compute_phash(img.convert("RGB"))
+
+
+def test_kept_jpeg_is_damage_checked_like_a_full_decode():
+    """The reduced-scale validation of kept JPEGs refuses and keeps exactly what a full decode does."""
+    rng = random.Random(0)
+    inputs = [photo_jpeg(1, (300, 200)), photo_jpeg(2, (640, 480), progressive=True)]
+    for good in list(inputs):
+        inputs += [good[:k] for k in sorted(rng.sample(range(2, len(good)), 12))] + [good[:-1], good[:-2]]
+        for n in (1, 3, 20):
+            damaged = bytearray(good)
+            for _ in range(n):
+                damaged[rng.randrange(len(good))] = rng.randrange(256)
+            inputs.append(bytes(damaged))
+    verdicts = []
+    for data in inputs:
+        for policy in ("always", "if_needed"):
+            try:
+                verdicts.append((policy, decode_image(data, DecodeConfig(reencode=policy))["width"]))
+            except DecodeFailure as e:
+                verdicts.append((policy, e.why))
+    full, reduced = verdicts[::2], verdicts[1::2]
+    assert [v for _, v in full] == [v for _, v in reduced]
+    assert {"truncated"} <= {v for _, v in full} and sum(isinstance(v, int) for _, v in full) >= 2
+
+
+@pytest.mark.parametrize("size", [(500, 400), (1024, 768), (640, 480), (100, 80), (257, 1030)])
+def test_kept_jpeg_bytes_kept_and_hash_matches_full_decode(size):
+    for seed in range(4):
+        data = photo_jpeg(seed, size)
+        row = decode_image(data, DecodeConfig(reencode="if_needed"))
+        assert row["jpg"] == data and (row["width"], row["height"]) == size
+        assert row["sha256"] == hashlib.sha256(data).hexdigest()
+        # Luma at reduced DCT scale vs. Pillow's full RGB decode: rounding apart, not a copy apart.
+        assert hamming(row["phash"], full_decode_phash(data)) <= 2, (size, seed)
+
+
+def test_kept_real_jpegs_hash_as_full_decode(shared_data):
+    files = sorted((shared_data / "aid-dev").glob("*/*.jpg"))[::3] + sorted((shared_data / "imagenet-dev").glob("*.JPEG"))
+    if not files:
+        pytest.skip("no real images")
+    dist = []
+    for f in files:
+        data = f.read_bytes()
+        row = decode_image(data, DecodeConfig(reencode="if_needed"))
+        dist.append(int(hamming(row["phash"], full_decode_phash(data))))
+    assert max(dist) <= 2 and np.mean(dist) <= 0.5, np.bincount(dist)
