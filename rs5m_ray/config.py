@@ -20,8 +20,8 @@ class StorageConfig:
     """Credentials and endpoint for s3:// paths (else taken from the environment)."""
 
     endpoint_url: str | None = None
-    key: str | None = None
-    secret: str | None = None
+    key: str | None = field(default=None, repr=False)  # credentials never reach a repr or a log
+    secret: str | None = field(default=None, repr=False)
     region: str | None = None
 
 

@@ -36,11 +36,6 @@ class Storage:
 
     cfg: StorageConfig = field(default_factory=StorageConfig)
 
-    def __repr__(self) -> str:
-        c = self.cfg
-        return (f"Storage(endpoint_url={c.endpoint_url!r}, region={c.region!r}, "
-                f"key={'***' if c.key else None}, secret={'***' if c.secret else None})")
-
     def fs(self, path: str) -> fsspec.AbstractFileSystem:
         """This process's filesystem for the scheme of `path` (built on first use, then reused)."""
         protocol = fsspec.core.split_protocol(path)[0] or "file"
