@@ -193,7 +193,7 @@ class ShardConfig:
     val_fraction: float = 0.05
     seed: int = 2023
     max_shard_bytes: int = 4 * 1024**3  # RS5M's shards are ~4 GB
-    chunk_bytes: int = 64 * 1024**2  # staged image row groups; what a shard writer holds at once
+    chunk_bytes: int = 16 * 1024**2  # staged image row groups: what a shard writer reads at a time
 
 
 @dataclass

@@ -13,17 +13,20 @@ def test_yaml_config_with_sections(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("output: s3://bucket/run1\n"
                  "ingest:\n  sources:\n    - {name: laion2b, paths: ['s3://meta/laion2b/*.parquet']}\n"
-                 "url_dedup: {num_partitions: 512}\nshards: {samples_per_shard: 20000, val_fraction: 0.05}\n")
+                 "parts: {num_parts: 512}\nshards: {train_shards: 32, val_shards: 2, val_fraction: 0.05}\n")
     cfg = load_config(p, overrides={"shards": {"seed": 7}})
     assert cfg.output == "s3://bucket/run1"
     assert cfg.ingest.sources[0].name == "laion2b"
-    assert cfg.url_dedup.num_partitions == 512
-    assert (cfg.shards.samples_per_shard, cfg.shards.seed) == (20000, 7)
+    assert cfg.parts.num_parts == 512
+    shards = cfg.shards
+    assert (shards.train_shards, shards.val_shards, shards.val_fraction, shards.seed) == (32, 2, 0.05, 7)
+    assert shards.max_shard_bytes == 4 * 1024**3  # untouched keys keep their defaults
 
 
 @pytest.mark.parametrize("text, message", [
-    ("url_dedup: {num_partitons: 4}\n", "unknown key"),
-    ("shards: {samples_per_shard: many}\n", "expected int"),
+    ("parts: {num_partitons: 4}\n", "unknown key"),
+    ("shards: {samples_per_shard: 20000}\n", "unknown key"),
+    ("shards: {train_shards: many}\n", "expected int"),
     ("ingest: {sources: laion2b}\n", "expected a list"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, message):

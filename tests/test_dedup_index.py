@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
-from rs5m_ray.config import NearDupConfig
+from rs5m_ray.config import NearDupConfig, ShardConfig
 from rs5m_ray.dedup_index import DedupIndex, index_for
 from rs5m_ray.ledger import read_parquet_dir
+from rs5m_ray.shards.writer import shard_of
 from rs5m_ray.stages.embedding_dedup import apply_embedding_dedup
 from rs5m_ray.stages.near_dup import apply_phash_dedup
 from rs5m_ray.storage import Storage, join
@@ -38,8 +40,22 @@ def run(ray, rows: pa.Table, output: str, storage: Storage, index_path: str, app
     ledger = read_parquet_dir(storage, join(output, "ledger", stage))
     stats = read_parquet_dir(storage, join(output, "stats", stage))
     assert_accounting_exact(rows, kept, ledger, stats)
+    commit_as_shard_writer(index, kept)
+    kind = "phash" if stage == "phash_dedup" else "image_embedding"
+    mine = read_parquet_dir(storage, join(index_path, kind, f"run={index.run_id}"))
+    assert sorted(mine["sample_id"].to_pylist() if mine else []) == sorted(kept["sample_id"].to_pylist())
     reasons = dict(zip(ledger["sample_id"].to_pylist(), ledger["drop_reason"].to_pylist())) if ledger else {}
     return set(kept["sample_id"].to_pylist() if len(kept) else []), reasons
+
+
+SHARDS = ShardConfig(train_shards=2, val_shards=1)
+
+
+def commit_as_shard_writer(index: DedupIndex, kept: pa.Table) -> None:
+    """What the shard writer does once each shard is committed: index that shard's rows under its name."""
+    shards = pa.array([shard_of(s, SHARDS) for s in kept["sample_id"].to_pylist()], pa.string())
+    for shard in sorted(set(shards.to_pylist())):
+        index.commit(shard.removesuffix(".tar"), kept.filter(pc.equal(shards, shard)))
 
 
 def snapshot(storage: Storage, index_path: str) -> dict[str, bytes]:

@@ -124,12 +124,13 @@ class ShardWriter:
         shard = rows[SHARD][0].as_py()
         members = hashlib.sha256("\n".join(rows["sample_id"].to_pylist()).encode()).hexdigest()
         manifests = self._complete(shard, members)
-        status = "skipped"
         if manifests is None:
             manifests, missing = self._write(shard, rows, members)
-            rows = mark_dropped(rows, pc.is_in(rows["sample_id"], pa.array(missing, pa.string())),
-                                "staged_image_missing")
             status = "written"
+        else:  # its samples whose staged bytes were missing then are ledgered again
+            missing, status = self._unwritten(rows, manifests), "skipped"
+        rows = mark_dropped(rows, pc.is_in(rows["sample_id"], pa.array(missing, pa.string())),
+                            "staged_image_missing")
         account = PartAccount(STAGE, self.output, self.storage)
         written = account.add(rows, rows, time.perf_counter() - start)
         account.commit(shard.removesuffix(".tar"))
@@ -150,6 +151,17 @@ class ShardWriter:
             return None
         return [manifest] + [json.loads(self.storage.read_bytes(p)) for p in rest]
 
+    def _unwritten(self, rows: pa.Table, manifests: list[dict]) -> list[str]:
+        """The sample_ids of `rows` that no piece of their complete shard holds (per the sidecars)."""
+        if sum(m["count"] for m in manifests) == len(rows):
+            return []
+        held = []
+        for m in manifests:
+            with self.storage.open(join(self.out_dir, m["shard"].removesuffix(".tar") + ".parquet")) as f:
+                held.append(pq.read_table(f, columns=["sample_id"])["sample_id"])
+        held = pa.chunked_array([c for h in held for c in h.chunks], pa.string())
+        return pc.filter(rows["sample_id"], pc.invert(pc.is_in(rows["sample_id"], held))).to_pylist()
+
     def _write(self, shard: str, rows: pa.Table, members: str) -> tuple[list[dict], list[str]]:
         meta_cols = [c for c in rows.column_names if c not in NOT_METADATA]
         pieces: list[_Piece] = []
@@ -157,16 +169,24 @@ class ShardWriter:
         for part_rows in _groups(rows, [PART, ROW_GROUP]):
             ids = part_rows["sample_id"]
             jpgs = self._staged_bytes(part_rows[PART][0].as_py(), part_rows[ROW_GROUP][0].as_py(), ids)
-            found = pc.is_valid(jpgs)
-            missing += pc.filter(ids, pc.invert(found)).to_pylist()
-            part_rows, jpgs = part_rows.filter(found), pc.filter(jpgs, found)
+            if jpgs.null_count:
+                found = pc.is_valid(jpgs)
+                missing += pc.filter(ids, pc.invert(found)).to_pylist()
+                part_rows, jpgs = part_rows.filter(found), jpgs.filter(found)
             metadata = part_rows.select(meta_cols)
             json_rows = metadata.drop_columns(["caption"]).to_pylist()
-            for i, (sid, jpg, caption) in enumerate(zip(part_rows["sample_id"].to_pylist(), jpgs.to_pylist(),
-                                                        part_rows["caption"].to_pylist())):
+            start = 0  # first row of `metadata` not yet in a piece's sidecar
+            for i, (sid, caption) in enumerate(zip(part_rows["sample_id"].to_pylist(),
+                                                   part_rows["caption"].to_pylist())):
+                jpg = jpgs[i].as_py()  # one image's bytes at a time
                 if not pieces or (pieces[-1].count and pieces[-1].tar.size + len(jpg) > self.cfg.max_shard_bytes):
+                    if pieces:
+                        pieces[-1].meta.append(metadata.slice(start, i - start))
+                        start = i
                     pieces.append(_Piece(self.storage, join(self.out_dir, piece_name(shard, len(pieces), self.cfg))))
-                pieces[-1].add(sample_members(sid, jpg, caption, json_rows[i]), metadata.slice(i, 1))
+                pieces[-1].add(sample_members(sid, jpg, caption, json_rows[i]))
+            if pieces:
+                pieces[-1].meta.append(metadata.slice(start))
         if not pieces:
             return [], missing
         manifests = [p.commit(self.storage, self.out_dir, {"bucket": shard, "piece": k, "pieces": len(pieces),
@@ -174,14 +194,16 @@ class ShardWriter:
                      for k, p in reversed(list(enumerate(pieces)))]  # piece 0's manifest last: it marks the whole
         return manifests[::-1], missing
 
-    def _staged_bytes(self, part: str, row_group: int, ids: pa.ChunkedArray) -> pa.Array:
+    def _staged_bytes(self, part: str, row_group: int, ids: pa.ChunkedArray) -> pa.ChunkedArray:
         """The jpg bytes of `ids` from one staged row group (null where the staging lacks them)."""
         try:
             with self.storage.open(self.image_path(part)) as f:
                 staged = pq.ParquetFile(f).read_row_group(row_group, columns=["sample_id", "jpg"])
         except Exception:  # a lost or damaged staged part: its rows go to the ledger
-            return pa.nulls(len(ids), pa.binary())
-        return pc.take(staged["jpg"], pc.index_in(ids, staged["sample_id"])).combine_chunks()
+            return pa.chunked_array([pa.nulls(len(ids), pa.binary())])
+        if staged["sample_id"].equals(ids):  # every staged row of the group is kept: no copy
+            return staged["jpg"]
+        return pc.take(staged["jpg"], pc.index_in(ids, staged["sample_id"]))
 
 
 class _Piece:
@@ -196,10 +218,9 @@ class _Piece:
         self.meta: list[pa.Table] = []
         self.count = 0
 
-    def add(self, members: list[tuple[str, bytes]], meta: pa.Table) -> None:
+    def add(self, members: list[tuple[str, bytes]]) -> None:
         for name, data in members:
             self.writer.add(name, data)
-        self.meta.append(meta)
         self.count += 1
 
     def commit(self, storage: Storage, out_dir: str, extra: dict) -> dict:
