@@ -33,7 +33,7 @@ class RayConfig:
     num_cpus: int | None = None
     object_store_memory: int | None = None
     # Ray Data shuffle for the groupby joins: None = Ray's default (hash shuffle, aggregator
-    # actors: best on a cluster); "sort_shuffle_pull_based" starts in a fraction of a second on a laptop.
+    # actors: best on a cluster) when joining a cluster, "sort_shuffle_pull_based" on a local instance.
     shuffle_strategy: str | None = None
 
 

@@ -20,7 +20,6 @@ from rs5m_ray.config import PipelineConfig
 from rs5m_ray.ledger import PartAccount
 from rs5m_ray.pipelines.harness import CANDIDATES, PART, Staging, timed
 from rs5m_ray.shards.writer import layout_rows, row_group_slices
-from rs5m_ray.stages.clip_score import STAGE as CLIP_STAGE, ClipScore
 from rs5m_ray.stages.decode import DecodeStage
 from rs5m_ray.stages.download import DownloadStage
 from rs5m_ray.storage import Storage
@@ -33,7 +32,9 @@ SUMMARY = pa.schema([(PART, pa.string()), ("rows", pa.int64())])
 def write_part(storage: Storage, path: str, table: pa.Table) -> None:
     """A staged part, one parquet row group per `row_group` of `table`, built in a scratch file."""
     scratch = storage.scratch_path(path)
-    with pq.ParquetWriter(scratch, table.schema, compression="zstd") as writer:
+    # JPEG bytes do not compress: zstd only on the other columns.
+    compression = {name: "none" if name == "jpg" else "zstd" for name in table.column_names}
+    with pq.ParquetWriter(scratch, table.schema, compression=compression) as writer:
         for offset, length in row_group_slices(table):
             writer.write_table(table.slice(offset, length), row_group_size=length)
     storage.commit_file(scratch, path)
@@ -112,6 +113,8 @@ class ScorePart:
     """The CLIP image pass over whole staged parts, one row group at a time; stages the light rows."""
 
     def __init__(self, cfg: PipelineConfig, storage: Storage):
+        from rs5m_ray.stages.clip_score import ClipScore  # here, so torch stays out of the fetch actors
+
         self.cfg, self.storage = cfg, storage
         self.staging = Staging(cfg.output, storage)
         self.stage = ClipScore(cfg.scoring, storage)
@@ -125,7 +128,7 @@ class ScorePart:
         if done is not None:
             return done["rows"]
         started = time.time()
-        account = PartAccount(CLIP_STAGE, self.cfg.output, self.storage)
+        account = PartAccount("clip_score", self.cfg.output, self.storage)
         light = []
         with self.storage.open(self.staging.path(IMAGES, part)) as f:
             staged = pq.ParquetFile(f)
