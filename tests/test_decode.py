@@ -13,7 +13,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from rs5m_ray.config import DecodeConfig
-from rs5m_ray.stages.decode import OUTPUT_SCHEMA, DecodeFailure, DecodeStage, decode_image, target_size
+from rs5m_ray.stages.decode import (OUTPUT_SCHEMA, DecodeFailure, DecodeStage, _orientation, decode_image,
+                                    jpeg_header, target_size)
 from rs5m_ray.stages.phash import compute_phash, hamming
 
 
@@ -214,11 +215,13 @@ def test_kept_jpeg_is_damage_checked_like_a_full_decode():
     inputs = [photo_jpeg(1, (300, 200)), photo_jpeg(2, (640, 480), progressive=True)]
     for good in list(inputs):
         inputs += [good[:k] for k in sorted(rng.sample(range(2, len(good)), 12))] + [good[:-1], good[:-2]]
+        header_end = good.find(b"\xff\xda") + 20
         for n in (1, 3, 20):
-            damaged = bytearray(good)
-            for _ in range(n):
-                damaged[rng.randrange(len(good))] = rng.randrange(256)
-            inputs.append(bytes(damaged))
+            for end in (len(good), header_end, header_end):  # anywhere, and twice in the header
+                damaged = bytearray(good)
+                for _ in range(n):
+                    damaged[rng.randrange(2, end)] = rng.randrange(256)
+                inputs.append(bytes(damaged))
     verdicts = []
     for data in inputs:
         for policy in ("always", "if_needed"):
@@ -252,3 +255,36 @@ def test_kept_real_jpegs_hash_as_full_decode(shared_data):
         row = decode_image(data, DecodeConfig(reencode="if_needed"))
         dist.append(int(hamming(row["phash"], full_decode_phash(data))))
     assert max(dist) <= 2 and np.mean(dist) <= 0.5, np.bincount(dist)
+
+
+def test_jpeg_header_reads_what_pillow_reads():
+    base = Image.open(io.BytesIO(photo_jpeg(3, (64, 48)))).convert("RGB")
+    cases = []
+    for orientation in range(0, 10):  # 0: no tag; 9: out of range
+        exif = Image.Exif()
+        if orientation:
+            exif[0x0112] = orientation
+        for mode in ("RGB", "L", "CMYK"):
+            cases.append(encode(base.convert(mode), "JPEG", exif=exif.tobytes(), progressive=orientation % 2 == 1))
+    xmp = encode(base, "JPEG", xmp=b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>')
+    mpo = encode(base, "MPO", save_all=True, append_images=[base])
+    assert jpeg_header(xmp) is None and jpeg_header(mpo) is None  # Pillow may read these differently
+    rng = random.Random(5)
+    for data in list(cases):
+        for _ in range(20):
+            damaged = bytearray(data)
+            damaged[rng.randrange(2, data.find(b"\xff\xda") + 10)] = rng.randrange(256)
+            cases.append(bytes(damaged))
+    read = 0
+    for data in cases:
+        header = jpeg_header(data)
+        if header is None:
+            continue
+        read += 1
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Exception:
+            continue  # a damaged header Pillow refuses: libjpeg refuses it too (kept-JPEG test above)
+        assert img.format == "JPEG"
+        assert header == (*img.size, len(img.getbands()), _orientation(img))
+    assert read >= 30

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
 import warnings
 
 import numpy as np
@@ -90,6 +91,16 @@ def decode_image(data: bytes | None, cfg: DecodeConfig) -> dict:
     """Validate and normalise one image; raises DecodeFailure with the reason."""
     if not data:
         raise DecodeFailure("zero_bytes")
+    tried_kept = False
+    if cfg.reencode == "if_needed" and data[:3] == b"\xff\xd8\xff":
+        header = jpeg_header(data)  # Pillow's view of a plain JPEG's header, without Pillow's cost
+        if header is not None:
+            width, height, components, orientation = header
+            if (components == 3 and orientation == 1 and 0 < width * height <= cfg.max_pixels
+                    and width * height <= _PILLOW_BOMB_PIXELS and target_size(width, height, cfg) == (width, height)):
+                kept, tried_kept = _kept_jpeg(data, width, height, cfg), True
+                if kept is not None:
+                    return kept
     try:
         img = Image.open(io.BytesIO(data), formats=SAFE_FORMATS)
     except Image.DecompressionBombError as e:
@@ -106,8 +117,8 @@ def decode_image(data: bytes | None, cfg: DecodeConfig) -> dict:
             raise DecodeFailure("too_many_pixels", f"{width}x{height} > {cfg.max_pixels}")
         orientation = _orientation(img)
         target = target_size(width, height, cfg)
-        if (cfg.reencode == "if_needed" and img.format == "JPEG" and img.mode == "RGB" and orientation == 1
-                and target == (width, height)):
+        if (not tried_kept and cfg.reencode == "if_needed" and img.format == "JPEG" and img.mode == "RGB"
+                and orientation == 1 and target == (width, height)):
             kept = _kept_jpeg(data, width, height, cfg)
             if kept is not None:
                 return kept
@@ -167,6 +178,74 @@ def _kept_jpeg(data: bytes, width: int, height: int, cfg: DecodeConfig) -> dict 
         "orig_format": "JPEG", "sha256": hashlib.sha256(data).hexdigest(),
         "phash": phash_of_scaled(grey, (width, height), scale, cfg.phash_method) if cfg.phash else None,
     }
+
+
+# Pillow refuses to open larger images outright (DecompressionBombError).
+_PILLOW_BOMB_PIXELS = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else float("inf")
+_JPEG_TABLES = {0xC4, 0xDB, 0xDD, 0xFE} | set(range(0xE0, 0xF0))  # DHT, DQT, DRI, COM, APPn
+_EXIF, _XMP, _MPF = b"Exif\0\0", b"http://ns.adobe.com/xap/1.0/\0", b"MPF\0"
+
+
+def jpeg_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """(width, height, components, EXIF orientation) of a plain 8-bit Huffman JPEG, or None.
+
+    Reads the segments before the first scan as Pillow does, and gives up (None: the
+    caller asks Pillow) on anything Pillow might read differently: other frame types,
+    fill bytes, a second EXIF block, XMP (Pillow takes an orientation from it), MPF
+    (multi-picture files), an EXIF block it cannot walk, a frame with no height.
+    """
+    pos, n, found, orientation, exif_seen = 2, len(data), None, 1, False
+    try:
+        while pos + 4 <= n:
+            if data[pos] != 0xFF:
+                return None
+            marker = data[pos + 1]
+            length = (data[pos + 2] << 8) | data[pos + 3]
+            body = data[pos + 4: pos + 2 + length]
+            if length < 2 or len(body) != length - 2:
+                return None
+            if marker == 0xDA:  # start of scan: the header is complete
+                return None if found is None else (*found, orientation)
+            if marker in (0xC0, 0xC1, 0xC2):  # baseline, extended, progressive (Huffman)
+                if found is not None or len(body) < 6 or body[0] != 8:
+                    return None
+                height, width, components = (body[1] << 8) | body[2], (body[3] << 8) | body[4], body[5]
+                if not height or not width or len(body) != 6 + 3 * components:
+                    return None
+                found = (width, height, components)
+            elif marker == 0xE1 and body.startswith(_EXIF):
+                if exif_seen:
+                    return None
+                exif_seen, orientation = True, _exif_orientation(body[6:])
+                if orientation is None:
+                    return None
+            elif (marker == 0xE1 and body.startswith(_XMP)) or (marker == 0xE2 and body.startswith(_MPF)):
+                return None
+            elif marker not in _JPEG_TABLES:
+                return None
+            pos += 2 + length
+    except (IndexError, struct.error):
+        return None
+    return None
+
+
+def _exif_orientation(tiff: bytes) -> int | None:
+    """IFD0's Orientation (1 when absent), None when the block cannot be walked or the value is odd."""
+    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+    if order is None or struct.unpack_from(order + "H", tiff, 2)[0] != 42:
+        return None
+    (ifd,) = struct.unpack_from(order + "I", tiff, 4)
+    (count,) = struct.unpack_from(order + "H", tiff, ifd)
+    if ifd + 2 + 12 * count > len(tiff):
+        return None
+    for i in range(count):
+        tag, kind, values = struct.unpack_from(order + "HHI", tiff, ifd + 2 + 12 * i)
+        if tag == 0x0112:
+            if kind != 3 or values != 1:
+                return None
+            (value,) = struct.unpack_from(order + "H", tiff, ifd + 2 + 12 * i + 8)
+            return value if 1 <= value <= 8 else None
+    return 1
 
 
 END_MARKERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82", "GIF": b";"}
