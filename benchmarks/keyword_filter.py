@@ -13,10 +13,13 @@ time and the CPU seconds of the whole process tree (driver, GCS, raylet, every R
 from /proc every 50 ms until the last process has exited (zombies still show their final times). This
 process makes itself a child subreaper, so processes whose parent dies stay in its tree. RUSAGE_CHILDREN
 is printed too, as a lower bound only: the raylet ignores SIGCHLD, so its workers are reaped by the
-kernel and their CPU never reaches any parent's rusage (checked: raylet SigIgn has bit 17 set). Reported: the MARGINAL cost between the two sizes (rows per CPU-second and rows/s of
-wall time: start-up cancels), the fixed start-up cost, and the ledger bytes / input bytes.
-If `pub11.run` fails (it is being restructured), the ingest -> keyword filter path is composed on Ray
-Data instead, as tests/multinode_scenario.py does, and the output says so.
+kernel and their CPU never reaches any parent's rusage (checked: raylet SigIgn has bit 17 set).
+Reported: the MARGINAL cost between the two sizes (rows per CPU-second and rows/s of wall time:
+start-up cancels; with --repeats, per size the run with the least CPU) and where it goes by process
+name, the fixed start-up cost, and the ledger bytes / input bytes. `--mode metadata` times the
+metadata path alone (ingest -> keyword filter -> ledger on Ray Data, composed as
+tests/multinode_scenario.py does); it is also the fallback, said so in the output, when `pub11.run`
+fails twice.
 
 Beside it, in this process (`stage`): parquet decode + the KeywordFilter stage alone + kept rows
 written (the figure this benchmark reported before), the decode floor, and a per-row Python `re` loop.
@@ -29,6 +32,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -257,7 +261,9 @@ def dir_bytes(path: Path) -> int:
 def run_e2e(files: list[Path], work: Path, mode: str, num_cpus: int | None, timeout_s: float) -> dict:
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     out = work / f"run-{rows}-{mode}"
-    spec = {"mode": mode, "overrides": pipeline_overrides(files, out, num_cpus), "result": str(work / f"result-{rows}-{mode}.json")}
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run: pub11 would resume from a run directory's staging
+    spec = {"mode": mode, "overrides": pipeline_overrides(files, out, num_cpus),
+            "result": str(work / f"result-{rows}-{mode}.json")}
     spec_path = work / f"spec-{rows}-{mode}.json"
     spec_path.write_text(json.dumps(spec))
     m = measure([sys.executable, __file__, "--child", str(spec_path)], timeout_s)
@@ -332,6 +338,7 @@ def main() -> None:
     ap.add_argument("--stage-rows", type=int, default=None, help="rows for the in-process stage figure "
                     "(default: the small size; 0 skips it)")
     ap.add_argument("--baseline-rows", type=int, default=262_144, help="rows for the Python re loop (0 skips)")
+    ap.add_argument("--repeats", type=int, default=1, help="end-to-end runs per size (the least CPU counts)")
     ap.add_argument("--timeout", type=float, default=900.0, help="per end-to-end run, seconds")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -353,16 +360,28 @@ def main() -> None:
               f"({sum(f.stat().st_size for f in files) / 1e6:.0f} MB, {time.perf_counter() - t0:.1f} s); "
               f"load average {os.getloadavg()[0]:.1f}", flush=True)
 
-        mode, runs, retried = args.mode, [], False
-        while len(runs) < 2:
-            r = run_e2e([small_files, files][len(runs)], tmp, mode, args.num_cpus, args.timeout)
-            if r.get("pub11_error"):
-                if not retried:  # e.g. Ray's start-up timing out on a loaded machine: once more
-                    print(f"pub11.run failed ({r['pub11_error']}); retrying once", flush=True)
-                    retried = True
+        # Sizes interleaved (small, large, small, large, ...); per size the run with the least CPU
+        # counts: the least disturbed by other load on the machine.
+        mode, runs, failures = args.mode, [], 0
+        plan = [small_files, files] * args.repeats
+        while len(runs) < len(plan):
+            try:
+                r = run_e2e(plan[len(runs)], tmp, mode, args.num_cpus, args.timeout)
+            except RuntimeError as e:
+                failures += 1
+                if failures > 4:
+                    raise
+                print(f"{e}; retrying", flush=True)
+                continue
+            error = r.get("pub11_error")
+            if error:
+                failures += 1
+                # Ray's node start-up waits 30 s at most: on a loaded machine, retried.
+                if failures <= 2 or ("timed out during startup" in error and failures <= 4):
+                    print(f"pub11.run failed ({error}); retrying", flush=True)
                     continue
                 # Both sizes must run the same path: start over on the fallback.
-                print(f"pub11.run failed again ({r['pub11_error']}); measuring the metadata path "
+                print(f"pub11.run failed again ({error}); measuring the metadata path "
                       "(ingest -> keyword filter on Ray Data) for both sizes instead", flush=True)
                 mode, runs = "metadata", []
                 continue
@@ -372,13 +391,17 @@ def main() -> None:
                   f"over {r['processes']} processes ({top}; RUSAGE_CHILDREN saw {r['cpu_rusage_s']:.1f}), "
                   f"{r['rows'] / r['cpu_s'] / 1e6:.3f} M rows/CPU-s overall; ledger "
                   f"{r['ledger_bytes'] / 1e6:.1f} MB = {r['ledger_bytes'] / r['input_bytes']:.3f}x input "
-                  f"({r['input_bytes'] / 1e6:.0f} MB)", flush=True)
-        a, b = runs
+                  f"({r['input_bytes'] / 1e6:.0f} MB); load average {os.getloadavg()[0]:.1f}", flush=True)
+        a = min(runs[0::2], key=lambda r: r["cpu_s"])
+        b = min(runs[1::2], key=lambda r: r["cpu_s"])
         d_rows, d_cpu, d_wall = b["rows"] - a["rows"], b["cpu_s"] - a["cpu_s"], b["wall_s"] - a["wall_s"]
         startup_cpu = a["cpu_s"] - a["rows"] * d_cpu / d_rows
         startup_wall = a["wall_s"] - a["rows"] * d_wall / d_rows
-        print(f"marginal  {d_rows:,} rows: {d_rows / d_cpu / 1e6:.3f} M rows/CPU-s (goal >= 1.0), "
-              f"{d_rows / d_wall / 1e6:.3f} M rows/s wall on {os.cpu_count()} cores")
+        where = {k: b["by_name"].get(k, 0.0) - a["by_name"].get(k, 0.0) for k in set(a["by_name"]) | set(b["by_name"])}
+        where_s = ", ".join(f"{k} {v / d_rows * 1e6:.2f}" for k, v in sorted(where.items(), key=lambda kv: -kv[1])[:4])
+        print(f"marginal  {d_rows:,} rows ({a['mode']}): {d_rows / d_cpu / 1e6:.3f} M rows/CPU-s (goal >= 1.0), "
+              f"{d_rows / d_wall / 1e6:.3f} M rows/s wall on {os.cpu_count()} cores; CPU-s per 1M rows by "
+              f"process: {where_s}")
         print(f"start-up  {startup_cpu:.1f} CPU-s, {startup_wall:.1f} s wall (fixed cost, extrapolated to 0 rows)")
         print(f"ledger    {b['ledger_bytes'] / b['input_bytes']:.3f}x input bytes at {b['rows']:,} rows "
               f"(keyword_filter ledger {b['keyword_ledger_bytes'] / b['input_bytes']:.3f}x; goal <= 0.05)")

@@ -14,21 +14,47 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 def string_buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets as int64, length len + 1, into `data`; data as uint8) of a string/binary array, zero-copy
-    except for the offsets' widening."""
+    """(offsets, length len + 1, into `data`; data as uint8) of a string/binary array: zero-copy numpy
+    views (offsets int32, or int64 for the large types)."""
     large = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
     dtype = np.int64 if large else np.int32
     bufs = arr.buffers()
-    offsets = np.frombuffer(bufs[1], dtype, len(arr) + 1, arr.offset * np.dtype(dtype).itemsize).astype(np.int64)
+    offsets = np.frombuffer(bufs[1], dtype, len(arr) + 1, arr.offset * np.dtype(dtype).itemsize)
     data = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None and bufs[2].size else np.zeros(0, np.uint8)
     return offsets, data
 
 
-def valid_mask(arr: pa.Array) -> np.ndarray:
-    """True where `arr` is not null (numpy bool)."""
+def _bits(buf: pa.Buffer | None, offset: int, n: int, default: bool) -> np.ndarray:
+    if buf is None:
+        return np.full(n, default)
+    return np.unpackbits(np.frombuffer(buf, np.uint8), count=offset + n, bitorder="little")[offset:].view(bool)
+
+
+def valid_mask(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """True where `arr` is not null (numpy bool), unpacked from the validity bitmap."""
     if arr.null_count == 0:
         return np.ones(len(arr), bool)
-    return pc.is_valid(arr).to_numpy(zero_copy_only=False)
+    if isinstance(arr, pa.ChunkedArray):
+        return np.concatenate([valid_mask(c) for c in arr.chunks])
+    if arr.null_count == len(arr):
+        return np.zeros(len(arr), bool)
+    return _bits(arr.buffers()[0], arr.offset, len(arr), True)
+
+
+def to_bool(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A boolean Arrow array as numpy bool, null as False (`fill_null(arr, False)`), from its bitmaps."""
+    if isinstance(arr, pa.ChunkedArray):
+        return np.concatenate([to_bool(c) for c in arr.chunks] or [np.zeros(0, bool)])
+    if not pa.types.is_boolean(arr.type):
+        raise TypeError(f"expected booleans, got {arr.type}")
+    values = _bits(arr.buffers()[1], arr.offset, len(arr), False)
+    return values & valid_mask(arr) if arr.null_count else values.copy()
+
+
+def from_bool(mask: np.ndarray) -> pa.BooleanArray:
+    """numpy bool -> Arrow boolean array, by packing the bits."""
+    mask = np.asarray(mask, bool)
+    return pa.Array.from_buffers(pa.bool_(), len(mask), [None, pa.py_buffer(np.packbits(mask, bitorder="little"))])
 
 
 _DIGITS4 = np.frombuffer(b"".join(f"{i:04d}".encode() for i in range(10_000)), np.uint8).reshape(-1, 4)
@@ -131,16 +157,15 @@ def blank_mask(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
     if isinstance(arr, pa.ChunkedArray):
         return np.concatenate([blank_mask(c) for c in arr.chunks] or [np.zeros(0, bool)])
     offsets, data = string_buffers(arr)
-    starts = offsets[:-1]
-    first = np.zeros(len(arr), np.uint8)
-    nonempty = offsets[1:] > starts
-    first[nonempty] = data[starts[nonempty]]
-    valid = valid_mask(arr)
+    if not len(data):
+        return np.ones(len(arr), bool)
+    first = np.take(data, offsets[:-1], mode="clip")  # an empty value's "first byte" is its neighbour's:
+    valid = valid_mask(arr)                           # empty values are caught by their length instead
     blank = ~valid
-    maybe = np.flatnonzero(valid & ((first < 0x21) | (first > 0x7E)))
+    maybe = np.flatnonzero(valid & ((first < 0x21) | (first > 0x7E) | (offsets[1:] == offsets[:-1])))
     if len(maybe):
         trimmed = pc.utf8_trim_whitespace(arr.take(pa.array(maybe)))
-        blank[maybe] = pc.equal(trimmed, "").to_numpy(zero_copy_only=False)
+        blank[maybe] = to_bool(pc.equal(trimmed, ""))
     return blank
 
 
@@ -160,6 +185,22 @@ def repeat_where(value: str, mask: np.ndarray) -> pa.Array:
                                  null_count=len(mask) - count)
 
 
+def scatter_strings(n: int, rows: np.ndarray, values: list[str]) -> pa.Array:
+    """A string array of length `n`: values[i] at rows[i] (increasing), null elsewhere."""
+    encoded = [v.encode() for v in values]
+    lengths = np.zeros(n, np.int64)
+    lengths[rows] = [len(e) for e in encoded]
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] >= 2**31:
+        raise ValueError("string array too large")
+    valid = np.zeros(n, bool)
+    valid[rows] = True
+    buffers = [pa.py_buffer(np.packbits(valid, bitorder="little")), pa.py_buffer(offsets.astype(np.int32)),
+               pa.py_buffer(b"".join(encoded))]
+    return pa.Array.from_buffers(pa.string(), n, buffers, null_count=n - len(encoded))
+
+
 def _lengths(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
     chunks = arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
     return np.concatenate([np.diff(string_buffers(c)[0]) for c in chunks] or [np.zeros(0, np.int64)])
@@ -173,7 +214,9 @@ def null_except(arr: pa.Array | pa.ChunkedArray, keep: np.ndarray) -> pa.Array:
     large = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
     offsets = np.zeros(len(arr) + 1, np.int64 if large else np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    kept = arr.filter(pa.array(keep))
+    # A few rows are gathered by index, not by scanning a mask (but Arrow's take concatenates chunks first).
+    few = 8 * keep.sum() < len(keep) and not isinstance(arr, pa.ChunkedArray)
+    kept = arr.take(pa.array(np.flatnonzero(keep))) if few else arr.filter(from_bool(keep))
     if isinstance(kept, pa.ChunkedArray):
         kept = kept.combine_chunks()
     k_offsets, k_data = string_buffers(kept)

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rs5m_ray.arrays import constant_value, repeat_where, valid_mask
+from rs5m_ray.arrays import constant_value, from_bool, repeat_where, to_bool, valid_mask
 from rs5m_ray.storage import Storage, join
 
 DROP_REASON = "drop_reason"
@@ -38,13 +38,16 @@ STATS_SCHEMA = pa.schema(
 )
 
 
-def mark_dropped(table: pa.Table, mask: pa.Array, reason: str | pa.Array, detail: Any = None) -> pa.Table:
-    """Set drop_reason (and detail) where `mask` is true and the row is not dropped yet."""
+def mark_dropped(table: pa.Table, mask: pa.Array | np.ndarray, reason: str | pa.Array, detail: Any = None) -> pa.Table:
+    """Set drop_reason (and detail) where `mask` (Arrow or numpy booleans) is true and the row is not
+    dropped yet."""
     table = ensure_drop_columns(table)
+    if isinstance(mask, np.ndarray):
+        mask = from_bool(mask)
     if isinstance(reason, str) and table[DROP_REASON].null_count == len(table) and \
             (detail is None or (isinstance(detail, str) and table[DROP_DETAIL].null_count == len(table))):
         # Nothing dropped yet (a stage's usual case): the new columns are built, not merged.
-        live = pc.fill_null(mask, False).to_numpy(zero_copy_only=False)
+        live = to_bool(mask)
         table = table.set_column(table.schema.get_field_index(DROP_REASON), DROP_REASON, repeat_where(reason, live))
         if detail is not None:
             table = table.set_column(table.schema.get_field_index(DROP_DETAIL), DROP_DETAIL,
@@ -83,27 +86,30 @@ def dropped(table: pa.Table) -> pa.Table:
 def _null_mask(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     if column.null_count == len(column):
         return np.ones(len(column), bool)
-    return pc.is_null(column).to_numpy(zero_copy_only=False)
-
-
-MAX_SLICES = 64
+    return ~valid_mask(column)
 
 
 def take_rows(table: pa.Table, mask: np.ndarray) -> pa.Table:
-    """The rows of `table` where `mask` holds. No copy when all or none are taken; zero-copy slices
-    when they form a few runs (a batch with a handful of drops); when most rows are taken in many
-    runs, the slices concatenated (a memcpy, cheaper than a filter); else one filter."""
+    """The rows of `table` where `mask` holds, as one contiguous chunk (a chunked result costs more
+    downstream than it saves: Ray Data sizes and serializes a table chunk by chunk, in Python).
+    No copy when all or none are taken; most rows taken (a batch with a few drops): the runs
+    between the drops concatenated (a memcpy, cheaper than a filter); a few rows taken (a keyword
+    stage's hits): gathered by index; else one filter."""
     n = int(mask.sum())
     if n == len(table):
         return table
     if n == 0:
         return table.slice(0, 0)
     edges = np.flatnonzero(np.diff(np.r_[False, mask, False].astype(np.int8)))
-    runs = len(edges) // 2
-    if runs <= MAX_SLICES or 2 * n > len(table):
-        sliced = pa.concat_tables([table.slice(a, b - a) for a, b in zip(edges[::2], edges[1::2])])
-        return sliced if runs <= MAX_SLICES else sliced.combine_chunks()
-    return table.filter(pa.array(mask))
+    if len(edges) == 2:
+        out = table.slice(edges[0], edges[1] - edges[0])
+    elif 2 * n > len(table):
+        out = pa.concat_tables([table.slice(a, b - a) for a, b in zip(edges[::2], edges[1::2])])
+    elif 8 * n < len(table) and all(c.num_chunks == 1 for c in table.columns):  # take concatenates chunks first
+        return table.take(pa.array(np.flatnonzero(mask)))
+    else:
+        out = table.filter(from_bool(mask))
+    return out.combine_chunks() if any(c.num_chunks > 1 for c in out.columns) else out
 
 
 def batch_key(table: pa.Table) -> str:
@@ -175,7 +181,7 @@ def ledger_rows(result: pa.Table, gone: np.ndarray, source: str | None = None) -
         value = constant_value(col, skip_nulls=True) if c == DROP_REASON else \
             source if c == "source" and source is not None else \
             constant_value(col) if c in LEDGER_DICTIONARY_COLUMNS else None
-        cols[c] = _repeat_dictionary(value, n) if value is not None else col.filter(pa.array(gone))
+        cols[c] = _repeat_dictionary(value, n) if value is not None else col.filter(from_bool(gone))
     return pa.table(cols)
 
 

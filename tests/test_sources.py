@@ -159,3 +159,58 @@ def test_unknown_source_and_missing_files_are_clear_errors(tmp_path):
         get_adapter("laion5b")
     with pytest.raises(FileNotFoundError, match="no files match"):
         list_inputs(IngestConfig(sources=[SourceConfig("cc3m", [str(tmp_path / "*.tsv")])]), Storage())
+
+
+def reference_reasons(urls, captions, max_caption_bytes):
+    """The checks as first written (one pyarrow.compute kernel per check, the first failing one wins)."""
+    url, caption = pa.array(urls, pa.string()), pa.array(captions, pa.string())
+    caption = pa.compute.if_else(pa.compute.equal(pa.compute.utf8_trim_whitespace(caption), ""), None, caption)
+    pc_ = pa.compute
+    checks = [
+        (pc_.or_(pc_.is_null(url), pc_.equal(pc_.utf8_trim_whitespace(pc_.fill_null(url, "")), "")), "null_url", None),
+        (pc_.match_substring(pc_.fill_null(url, ""), "\x00"), "invalid_url", "NUL byte"),
+        (pc_.invert(pc_.match_substring_regex(pc_.fill_null(url, ""), r"^\S+$")), "invalid_url", "whitespace"),
+        (pc_.is_null(caption), "empty_caption", None),
+        (pc_.match_substring(pc_.fill_null(caption, ""), "\x00"), "caption_nul_byte", None),
+        (pc_.greater(pc_.binary_length(pc_.fill_null(caption, "")), max_caption_bytes), "caption_too_long",
+         f"> {max_caption_bytes} bytes"),
+    ]
+    out = [(None, None)] * len(urls)
+    for mask, reason, detail in checks:
+        out = [(reason, detail) if m and o[0] is None else o for m, o in zip(mask.to_pylist(), out)]
+    return out
+
+
+def test_vectorised_checks_equal_their_definitions(tmp_path):
+    urls = ["http://a/ok.jpg", "http://a/v\x0btab.jpg", "http://a/nb\xa0sp.jpg", "http://a/em\u2003sp.jpg",
+            "http://a/b c.jpg", "http://a/b\tc.jpg", "http://a/b\nc.jpg", "http://a/\x0cff", "http://a/\rcr",
+            "http://a/\x00nul", "http://a/ \x00both", "  ", "\xa0", "", None, " lead", "trail ", "http://é.jpg"] * 3
+    captions = ["aerial view", "\xa0\u2003", " \t", "", None, "x\x00y", "ok", "y" * 65, "\u200b", "é" * 40,
+                "fine", " \x00 ", "a", "b", "c", "d", "e", "f"]
+    captions = captions + captions[1:] + captions[:1] + captions[2:] + captions[:2]
+    path = tmp_path / "part-0.parquet"
+    pq.write_table(pa.table({"URL": pa.array(urls, pa.string()), "TEXT": pa.array(captions, pa.string())}), path)
+    cfg = IngestConfig(sources=[SourceConfig("laion2b", [str(path)])], batch_rows=20, max_caption_bytes=64)
+    storage, out = Storage(), str(tmp_path / "out")
+    stage = IngestFiles(cfg, out, storage)
+    kept = pa.concat_tables(list(stage(pa.table({"source": ["laion2b"], "path": [str(path)]}))))
+    ledger = read_parquet_dir(storage, f"{out}/ledger")
+    got = {r["sample_id"]: (r["drop_reason"], r["drop_detail"]) for r in ledger.to_pylist()}
+    got.update({s: (None, None) for s in kept["sample_id"].to_pylist()})
+    expected = reference_reasons(urls, captions, 64)
+    assert [got[f"laion2b_part-0_{i}"] for i in range(len(urls))] == expected
+
+
+def test_invalid_utf8_in_parquet_strings_is_a_drop_reason(tmp_path):
+    # Parquet readers do not validate UTF-8: such bytes reach the string column as they are.
+    def strings(*values):
+        return pa.array(list(values), pa.binary()).view(pa.string())
+
+    path = tmp_path / "part-0.parquet"
+    pq.write_table(pa.table({"URL": strings(b"http://a/1.jpg", b"http://a/\xff.jpg", b"http://a/3.jpg"),
+                             "TEXT": strings(b"aerial view", b"ok", b"bad \xc3 caption")}), path)
+    kept, ledger, _ = ingest(tmp_path, "laion2b", str(path))
+    assert kept["sample_id"].to_pylist() == ["laion2b_part-0_0"]
+    assert sorted(zip(ledger["sample_id"].to_pylist(), ledger["drop_reason"].to_pylist(),
+                      ledger["drop_detail"].to_pylist())) == [
+        ("laion2b_part-0_1", "invalid_utf8", "url"), ("laion2b_part-0_2", "invalid_utf8", "caption")]

@@ -19,10 +19,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from rs5m_ray.arrays import blank_mask, is_valid_utf8, rows_with_bytes, sample_ids, string_buffers, valid_mask
+from rs5m_ray.arrays import (blank_mask, from_bool, is_valid_utf8, rows_with_bytes, sample_ids, scatter_strings,
+                             string_buffers, to_bool, valid_mask)
 from rs5m_ray.ledger import DROP_DETAIL, DROP_REASON
 from rs5m_ray.sources.adapters import SourceAdapter
-from rs5m_ray.storage import Storage
+from rs5m_ray.storage import Storage, is_local, strip_protocol
 
 CANONICAL = ("sample_id", "source", "url", "caption")
 
@@ -43,9 +44,13 @@ def file_stem(path: str) -> str:
 
 def read_raw(path: str, adapter: SourceAdapter, storage: Storage, batch_rows: int) -> Iterator[pa.Table]:
     """Yield the adapter's columns from one file, in order, as raw tables."""
-    fs = storage.fs(path)
     try:
-        f = fs.open(path, "rb", compression="infer")
+        if adapter.format == "parquet" and is_local(path):
+            # Memory-mapped: parquet pages are decoded straight from the page cache, without a
+            # Python-level read and copy per page.
+            f = pa.memory_map(strip_protocol(path), "r")
+        else:
+            f = storage.fs(path).open(path, "rb", compression="infer")
     except (OSError, ValueError) as e:
         raise SourceFileError(path, f"cannot open: {e}") from e
     with f:
@@ -168,7 +173,7 @@ def canonicalize(raw: pa.Table, adapter: SourceAdapter, stem: str, first_row: in
     cleaned = []
     for c, _ in captions:
         blank = blank_mask(c)
-        cleaned.append(pc.if_else(pa.array(blank), pa.scalar(None, pa.string()), c)
+        cleaned.append(pc.if_else(from_bool(blank), pa.scalar(None, pa.string()), c)
                        if blank.sum() > c.null_count else c)
     caption = cleaned[0] if len(cleaned) == 1 else pc.coalesce(*cleaned)
     caption_ok = _all(ok for _, ok in captions)
@@ -200,20 +205,29 @@ def canonicalize(raw: pa.Table, adapter: SourceAdapter, stem: str, first_row: in
     ]
     for column, value in adapter.require:
         v, _ = _as_text(raw[column])
-        checks.append((~pc.fill_null(pc.equal(v, value), False).to_numpy(zero_copy_only=False),
+        checks.append((~to_bool(pc.equal(v, value)),
                        f"filtered_{column}", f"!= {value}"))
-    # A row's reason is that of the first check it fails: one code per row, then two takes.
+    # A row's reason is that of the first check it fails: one code per row, then the reason and
+    # detail columns built from the codes (scattered when, as usual, only a few rows fail).
     code = np.full(n, -1, np.int16)
     for i, (mask, _, _) in enumerate(checks):
         if mask is not None and mask.any():
             code[(code < 0) & mask] = i
-    index = pa.array(code, mask=code < 0)
-    table = table.append_column(DROP_REASON, pa.array([r for _, r, _ in checks], pa.string()).take(index))
-    table = table.append_column(DROP_DETAIL, pa.array([d for _, _, d in checks], pa.string()).take(index))
+    rows = np.flatnonzero(code >= 0)
+    if 8 * len(rows) < n:  # the usual batch: a handful of bad rows
+        reasons = scatter_strings(n, rows, [checks[c][1] for c in code[rows].tolist()])
+        details = [checks[c][2] for c in code[rows].tolist()]
+        keep = [d is not None for d in details]
+        details = scatter_strings(n, rows[keep], [d for d in details if d is not None])
+    else:
+        index = pa.array(code, mask=code < 0)
+        reasons = pa.array([r for _, r, _ in checks], pa.string()).take(index)
+        details = pa.array([d for _, _, d in checks], pa.string()).take(index)
+    table = table.append_column(DROP_REASON, reasons).append_column(DROP_DETAIL, details)
     if too_long.any():
         # A rejected giant caption is cut in the ledger; kept captions are never altered.
         clipped = pc.utf8_slice_codeunits(pc.fill_null(caption, ""), 0, max_caption_bytes)
-        table = table.set_column(3, "caption", pc.if_else(pa.array(too_long), clipped, caption))
+        table = table.set_column(3, "caption", pc.if_else(from_bool(too_long), clipped, caption))
     return table
 
 

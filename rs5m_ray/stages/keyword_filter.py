@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rs5m_ray.arrays import null_except, string_buffers
+from rs5m_ray.arrays import from_bool, null_except, scatter_strings, string_buffers, valid_mask
 from rs5m_ray.ledger import batch_key, mark_dropped, write_parquet
 from rs5m_ray.storage import Storage, join
 
@@ -95,7 +95,7 @@ def keyword_occurrences(captions: pa.Array | pa.ChunkedArray, keywords) -> tuple
     rows = np.searchsorted(offsets, starts, side="right") - 1
     inside = ends <= offsets[rows + 1]
     if captions.null_count:
-        inside &= captions.is_valid().to_numpy(zero_copy_only=False)[rows]
+        inside &= valid_mask(captions)[rows]
     return rows[inside], kids[inside]
 
 
@@ -104,7 +104,7 @@ def caption_hits(captions: pa.Array | pa.ChunkedArray, keywords) -> pa.Array:
     rows, _ = keyword_occurrences(captions, keywords)
     mask = np.zeros(len(captions), bool)
     mask[rows] = True
-    return pa.array(mask)
+    return from_bool(mask)
 
 
 def matched_keywords(captions: pa.Array | pa.ChunkedArray, keywords) -> pa.Array:
@@ -120,9 +120,7 @@ def matched_keywords(captions: pa.Array | pa.ChunkedArray, keywords) -> pa.Array
         else:
             joined.append(keywords[k])
             last = row
-    mask = np.zeros(len(captions), bool)
-    mask[pairs // len(keywords)] = True
-    return pc.replace_with_mask(pa.nulls(len(captions), pa.string()), pa.array(mask), pa.array(joined, pa.string()))
+    return scatter_strings(len(captions), np.unique(pairs // len(keywords)), joined)
 
 
 class KeywordFilter:
@@ -133,12 +131,11 @@ class KeywordFilter:
         self.output, self.storage = output, storage
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        captions = batch["caption"]  # scanned as one buffer (a batch may arrive as slices)
-        captions = captions.chunk(0) if captions.num_chunks == 1 else captions.combine_chunks()
+        captions = batch["caption"]  # a batch may arrive as slices: each scanned in place
         keywords = matched_keywords(captions, self.keywords)
         hit = pc.is_valid(keywords)
-        keep = hit.to_numpy(zero_copy_only=False)
-        batch = mark_dropped(batch, pa.array(~keep), "keyword_miss")
+        keep = valid_mask(keywords)
+        batch = mark_dropped(batch, ~keep, "keyword_miss")
         # Misses are nearly every input row: their ledger rows keep neither URL nor caption (the
         # sample_id locates them in the input). Nulled without copying the misses' bytes.
         for name, column in (("url", batch["url"] if "url" in batch.column_names else None), ("caption", captions)):
