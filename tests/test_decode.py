@@ -16,6 +16,7 @@ from rs5m_ray.config import DecodeConfig
 from rs5m_ray.stages.decode import (OUTPUT_SCHEMA, DecodeFailure, DecodeStage, _orientation, decode_image,
                                     jpeg_header, target_size)
 from rs5m_ray.stages.phash import compute_phash, hamming
+from tests.test_phash import scene
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -190,17 +191,9 @@ def test_reencode_if_needed_keeps_clean_rgb_jpegs():
 
 
 def photo_jpeg(seed: int, size: tuple[int, int], **kw) -> bytes:
-    """A smooth random scene (waves and blobs, as tests/test_phash.py's) as a JPEG."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size[1], 0:size[0]] / max(size)
-    img = np.zeros((size[1], size[0], 3))
-    for _ in range(6):
-        fx, fy, phase = rng.uniform(0.5, 4, 2).tolist() + [rng.uniform(0, 6.3)]
-        img += rng.uniform(0.2, 1, 3) * np.sin(2 * np.pi * (fx * x + fy * y) + phase)[..., None]
-    for _ in range(5):
-        cx, cy, r = rng.uniform(0, 1, 2).tolist() + [rng.uniform(0.05, 0.2)]
-        img += rng.uniform(-1.5, 1.5, 3) * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / r**2)[..., None]
-    img = (img - img.min()) / (img.max() - img.min()) * 200 + 20 + rng.normal(0, 4, img.shape)
+    """A smooth random scene (tests/test_phash.py's) with sensor noise, as a JPEG."""
+    img, rng = scene(seed, *size)
+    img = img * 200 + 20 + rng.normal(0, 4, img.shape)
     return encode(Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), "JPEG", quality=90, **kw)
 
 

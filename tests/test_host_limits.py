@@ -29,14 +29,7 @@ def test_cap_holds_and_calls_are_batched():
     async def run():
         book = LeaseBook(max_per_host=4, requests_per_s=None, burst=1)
         calls = {"acquire": 0, "release": 0}
-
-        async def acquire(host, want, returning):
-            calls["acquire"] += 1
-            return await book.acquire(host, want, returning)
-
-        def release(host, n):
-            calls["release"] += 1
-            book.release(host, n)
+        acquire, release = counting(book, calls)
 
         # Two workers sharing one book, as two processes share the actor.
         workers = [HostLeases(acquire, release), HostLeases(acquire, release)]

@@ -13,19 +13,24 @@ from rs5m_ray.stages.phash import as_unsigned, compute_phash, hamming, hamming_m
 RADIUS = 4
 
 
-def generated_image(seed: int, size: int = 256) -> Image.Image:
-    """A smooth random RGB scene (sum of random low-frequency waves plus blobs)."""
+def scene(seed: int, width: int, height: int) -> tuple[np.ndarray, np.random.Generator]:
+    """A smooth random RGB scene in [0, 1] (sum of random low-frequency waves plus blobs), and the
+    generator that drew it (for more of the same seed's randomness)."""
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    img = np.zeros((size, size, 3))
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    img = np.zeros((height, width, 3))
     for _ in range(6):
         fx, fy, phase = rng.uniform(0.5, 4, 2).tolist() + [rng.uniform(0, 6.3)]
         img += rng.uniform(0.2, 1, 3) * np.sin(2 * np.pi * (fx * x + fy * y) + phase)[..., None]
     for _ in range(5):
         cx, cy, r = rng.uniform(0, 1, 2).tolist() + [rng.uniform(0.05, 0.2)]
         img += rng.uniform(-1.5, 1.5, 3) * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / r**2)[..., None]
-    img = (img - img.min()) / (img.max() - img.min()) * 255
-    return Image.fromarray(img.astype(np.uint8))
+    return (img - img.min()) / (img.max() - img.min()), rng
+
+
+def generated_image(seed: int, size: int = 256) -> Image.Image:
+    img, _ = scene(seed, size, size)
+    return Image.fromarray((img * 255).astype(np.uint8))
 
 
 def reencoded(img: Image.Image, quality: int = 60) -> Image.Image:
