@@ -249,8 +249,14 @@ def write_stats(storage: Storage, output: str, stage: str, key: str, batch: pa.T
         rows_in, rows_out = {source: len(batch)}, {source: len(out)}
     else:
         rows_in, rows_out = _count_by_source(batch), _count_by_source(out)
+    write_counts(storage, output, stage, key, rows_in, rows_out, seconds)
+
+
+def write_counts(storage: Storage, output: str, stage: str, key: str, rows_in: dict[str, int],
+                 rows_out: dict[str, int], seconds: float) -> None:
+    """`stats/<stage>/<key>.parquet`: rows in and out per source, the stage's seconds shared by rows."""
     sources = sorted(rows_in)
-    total = max(len(batch), 1)
+    total = max(sum(rows_in.values()), 1)
     table = pa.table({
         "stage": [stage] * len(sources),
         "source": sources,
@@ -313,10 +319,5 @@ class PartAccount:
         if self.gone:
             write_ledger(self.storage, self.output, self.stage, part,
                          pa.concat_tables(self.gone, promote_options="permissive"))
-        sources = sorted(self.rows_in)
-        total = max(sum(self.rows_in.values()), 1)
-        write_parquet(self.storage, join(self.output, "stats", self.stage, f"{part}.parquet"), pa.table({
-            "stage": [self.stage] * len(sources), "source": sources,
-            "rows_in": [self.rows_in[s] for s in sources], "rows_out": [self.rows_out[s] for s in sources],
-            "seconds": [self.seconds * self.rows_in[s] / total for s in sources]}, schema=STATS_SCHEMA))
+        write_counts(self.storage, self.output, self.stage, part, self.rows_in, self.rows_out, self.seconds)
         return {"rows_in": sum(self.rows_in.values()), "rows_out": sum(self.rows_out.values())}
