@@ -6,8 +6,9 @@ rounds (best round kept: other jobs share the machine):
             model's ceiling)
 - pipeline: the ClipScore stage on pyarrow batches of JPEG bytes (fast decode path in a
             thread pool, overlapping the forward pass), optionally also through Ray Data
-Models: the tiny test model (64 px), whose forward costs less than decoding on a CPU, and a
-random-init ViT-B/32 (224 px), whose forward is the expensive part as on a real GPU stage.
+Models: the tiny test model (64 px), whose forward costs less than decoding on a CPU, and
+random-init open_clip models (`--vit-models`, default ViT-B/32 at 224 px), whose forward is the
+expensive part as on a real GPU stage. On a GPU the stage takes one GPU per actor.
 - decode:   decode + preprocess alone on one thread (torch threads = 1) = images/s per CPU
             core: the fast path (shards.reader.preprocess_batch) at 64, 224 and 256 px, the
             open_clip PIL transform on fully decoded images at 224 (the reference) and after
@@ -90,7 +91,8 @@ def make_stage(model: str, batch_size: int, forward_batch_size: int, decode_thre
                         embedder={"clip_model": model, "clip_pretrained": None})
     det = save_detector(build_module(meta), meta, os.path.join(tmp, model), Storage())
     cfg = ScoringConfig(clip_model=model, detector_checkpoint=det, batch_size=batch_size,
-                        forward_batch_size=forward_batch_size, decode_threads=decode_threads)
+                        forward_batch_size=forward_batch_size, decode_threads=decode_threads,
+                        num_gpus=1.0 if torch.cuda.is_available() else 0.0)
     stage = ClipScore(cfg)
     if not stage.clip.eval_transform:
         raise SystemExit(f"{model}: not the standard eval transform, the stage would not take the fast path")
@@ -159,25 +161,31 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1024, help="images for the tiny model")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--forward-batch-size", type=int, default=64)
-    ap.add_argument("--vit-images", type=int, default=64, help="images for ViT-B/32 (its CPU forward is slow)")
+    ap.add_argument("--vit-models", default="ViT-B-32", help="comma-separated open_clip models, random init")
+    ap.add_argument("--vit-images", type=int, default=64, help="images per ViT model (a CPU forward is slow)")
     ap.add_argument("--vit-forward-batch-size", type=int, default=16)
     ap.add_argument("--decode-threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--vit-rounds", type=int, default=2)
-    ap.add_argument("--ray", action="store_true", help="also time the tiny-model stage through Ray Data's actor pool")
+    ap.add_argument("--ray", action="store_true", help="also time each stage through Ray Data's actor pool")
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="rs5m-bench-")
-    data = web_jpegs(max(args.images, args.vit_images))
+    pool = web_jpegs(min(max(args.images, args.vit_images), 1024))  # cycled: decode costs the same
+    data = [pool[i % len(pool)] for i in range(max(args.images, args.vit_images))]
     load_before = os.getloadavg()
-    tiny = make_stage("rs5m-tiny-vit", args.batch_size, args.forward_batch_size, args.decode_threads, tmp)
-    results = [compare(tiny, data[: args.images], args.rounds)]
-    if args.ray:
-        results[0]["images_per_s"]["ray_data_pipeline"] = round(
-            ray_pipeline(tiny, data[: args.images], os.path.join(tmp, "run")), 1)
-    vit = make_stage("ViT-B-32", args.batch_size, args.vit_forward_batch_size, args.decode_threads, tmp)
-    results.append(compare(vit, data[: args.vit_images], args.vit_rounds))
+    runs = [("rs5m-tiny-vit", args.forward_batch_size, args.images, args.rounds)]
+    runs += [(m, args.vit_forward_batch_size, args.vit_images, args.vit_rounds) for m in args.vit_models.split(",")]
+    results = []
+    for model, forward_batch_size, n, rounds in runs:
+        stage = make_stage(model, args.batch_size, forward_batch_size, args.decode_threads, tmp)
+        results.append(compare(stage, data[:n], rounds))
+        if args.ray:
+            results[-1]["images_per_s"]["ray_data_pipeline"] = round(
+                ray_pipeline(stage, data[:n], os.path.join(tmp, "run", model)), 1)
+        del stage
     report = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "weights": "random init (throughput only; scores mean nothing)",
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "loadavg_before": [round(x, 2) for x in load_before],
