@@ -11,6 +11,7 @@ Times are CPU seconds of this process (robust to other load on the machine) and 
 Usage: python benchmarks/dedup.py [--n 1000000] [--brute-n 100000] [--ray-n 100000]
 """
 from __future__ import annotations
+from figures import record  # benchmarks/figures.py: the figures `rs5m plan` reads
 
 import argparse
 import time
@@ -50,6 +51,8 @@ def bench_phash(count: int = 200) -> None:
         print(f"phash {size}x{size} RGB (decoded): compute_phash {count / ours_cpu:,.0f} img/s/core, "
               f"baseline imagehash.phash {count / plain_cpu:,.0f} img/s/core (x{plain_cpu / ours_cpu:.2f}); "
               f"mean hash difference {shift:.2f} bits")
+        if size == 512:
+            record("phash", {"phash_images_per_cpu_s": round(count / ours_cpu)})
 
 
 def planted(n: int, seed: int) -> np.ndarray:
@@ -124,6 +127,7 @@ def bench_join(n: int, brute_n: int, cfg: NearDupConfig, repeats: int) -> None:
         print(f"  N={size:,}: {min(times):.1f} s CPU (best of {repeats}: {', '.join(f'{t:.1f}' for t in times)}), "
               f"{partitions_for(size, cfg)} partitions, {merged[size]:,} rows merged into duplicate clusters")
     print(f"  time(2N)/time(N) = {min(cpu_times[2 * n]) / min(cpu_times[n]):.2f} (goal <= 2.3)")
+    record("dedup_join", {"phash_join_rows_per_cpu_s": round(2 * n / min(cpu_times[2 * n]))})
 
     h = planted(brute_n, seed=1)
     fast, fast_cpu, _ = timed(band_join, h, cfg)

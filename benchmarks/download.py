@@ -25,6 +25,7 @@ fully decoded (PIL) and counted.
     python benchmarks/download.py --only rs5m --rs5m-set decode.reencode=always
 """
 from __future__ import annotations
+from figures import record  # benchmarks/figures.py: the figures `rs5m plan` reads
 
 import argparse
 import io
@@ -439,6 +440,7 @@ def main() -> None:
         print(f"rs5m marginal cost: {cpu_ms:.2f} CPU-ms/image ({1000 / cpu_ms:.0f} img per CPU-s), "
               f"{wall_ms:.2f} ms wall/image ({1000 / wall_ms:.0f} img/s); fixed: "
               f"{ours.cpu_s - cpu_ms * ours.n / 1000:.1f} CPU-s, {ours.wall_s - wall_ms * ours.n / 1000:.1f} s wall")
+        record("download", {"download_decode_images_per_cpu_s": round(1000 / cpu_ms, 1)})
     if tmp is None:
         print(f"inputs, outputs, configs and logs kept in {work}")
     else:

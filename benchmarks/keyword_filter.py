@@ -25,6 +25,7 @@ Beside it, in this process (`stage`): parquet decode + the KeywordFilter stage a
 written (the figure this benchmark reported before), the decode floor, and a per-row Python `re` loop.
 """
 from __future__ import annotations
+from figures import record  # benchmarks/figures.py: the figures `rs5m plan` reads
 
 import argparse
 import ctypes
@@ -402,6 +403,7 @@ def main() -> None:
         print(f"marginal  {d_rows:,} rows ({a['mode']}): {d_rows / d_cpu / 1e6:.3f} M rows/CPU-s (goal >= 1.0), "
               f"{d_rows / d_wall / 1e6:.3f} M rows/s wall on {os.cpu_count()} cores; CPU-s per 1M rows by "
               f"process: {where_s}")
+        record("keyword_filter", {"metadata_rows_per_cpu_s": round(d_rows / d_cpu)})
         print(f"start-up  {startup_cpu:.1f} CPU-s, {startup_wall:.1f} s wall (fixed cost, extrapolated to 0 rows)")
         print(f"ledger    {b['ledger_bytes'] / b['input_bytes']:.3f}x input bytes at {b['rows']:,} rows "
               f"(keyword_filter ledger {b['keyword_ledger_bytes'] / b['input_bytes']:.3f}x; goal <= 0.05)")

@@ -24,6 +24,7 @@ decode rate plans for.
 Usage: python benchmarks/scoring.py [--images 1024] [--vit-images 64] [--ray]
 """
 from __future__ import annotations
+from figures import record  # benchmarks/figures.py: the figures `rs5m plan` reads
 
 import argparse
 import io
@@ -183,6 +184,7 @@ def main() -> None:
         if args.ray:
             results[-1]["images_per_s"]["ray_data_pipeline"] = round(
                 ray_pipeline(stage, data[:n], os.path.join(tmp, "run", model)), 1)
+        print(json.dumps(results[-1]), flush=True)  # each model as it finishes: a cut-short run still reports
         del stage
     report = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -195,6 +197,8 @@ def main() -> None:
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }
     print(json.dumps(report, indent=1))
+    record("scoring", {"device": report["device"], "decode_224_images_per_cpu_s": report["decode_per_core_images_per_s"],
+                       "pipeline_images_per_s": {r["model"]: r["images_per_s"] for r in results}})
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ It also measures how far our tensors are from the reference's (see `fidelity`).
     .venv/bin/python benchmarks/shard_throughput.py            # ~3-4 min on 2 cores
 """
 from __future__ import annotations
+from figures import record  # benchmarks/figures.py: the figures `rs5m plan` reads
 
 import argparse
 import io
@@ -160,6 +161,8 @@ def run_all(urls: list[str], storage: Storage, workers: int, batch: int, shuffle
 
 
 def report(name: str, rates: dict[str, dict], cores: int) -> None:
+    record(f"shard_read {name}", {"images_per_cpu_s": round(rates["ours+norm"]["cpu"], 1),
+                                  "reference_images_per_cpu_s": round(rates["reference"]["cpu"], 1)})
     print(f"== {name}: {cores} worker processes on {cores} cores, best of rounds"
           f" (load average {os.getloadavg()[0]:.1f})")
     for k, v in rates.items():

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
+import socket
 import time
 from collections import Counter
 from typing import Any, Callable
@@ -23,9 +25,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from rs5m_ray import metrics
 from rs5m_ray.arrays import constant_value, from_bool, repeat_where, to_bool, valid_mask
 from rs5m_ray.storage import Storage, join
 
+log = logging.getLogger(__name__)
 DROP_REASON = "drop_reason"
 DROP_DETAIL = "drop_detail"
 LEDGER_COUNTS = "rs5m_ledger_counts"
@@ -34,7 +38,9 @@ LEDGER_COLUMNS = ["sample_id", "source", "url", "caption", "stage", DROP_REASON,
 LIGHT_LEDGER_COLUMNS = ["sample_id", "source", "url", "caption"]
 STATS_SCHEMA = pa.schema(
     [("stage", pa.string()), ("source", pa.string()), ("rows_in", pa.int64()),
-     ("rows_out", pa.int64()), ("seconds", pa.float64())]
+     ("rows_out", pa.int64()), ("seconds", pa.float64()),
+     # Wall-clock span (epoch seconds) of the batch or part, and the Ray node it ran on: throughput and timeline.
+     ("started", pa.float64()), ("finished", pa.float64()), ("node", pa.string())]
 )
 
 
@@ -112,6 +118,18 @@ def take_rows(table: pa.Table, mask: np.ndarray) -> pa.Table:
     return out.combine_chunks() if any(c.num_chunks > 1 for c in out.columns) else out
 
 
+def run_stage(stage: Callable[[pa.Table], pa.Table], batch: pa.Table, name: str) -> pa.Table:
+    """The stage's marks on `batch`. A stage that raises drops the whole batch as `stage_error` (the
+    exception in the detail, the traceback in the worker's log): one poisoned batch costs its own rows,
+    counted in the ledger and the report, never the job, and no actor of a pool dies of it."""
+    try:
+        return stage(batch)
+    except Exception as e:
+        log.exception("stage %s failed on a batch of %d rows from %s: its rows go to the ledger as stage_error",
+                      name, len(batch), batch["sample_id"][0] if "sample_id" in batch.column_names else "?")
+        return mark_dropped(batch, np.ones(len(batch), bool), "stage_error", f"{type(e).__name__}: {e}"[:500])
+
+
 def batch_key(table: pa.Table) -> str:
     return hashlib.sha1(f"{table['sample_id'][0].as_py()}|{len(table)}".encode()).hexdigest()[:20]
 
@@ -136,11 +154,11 @@ class Accounted:
     def __call__(self, batch: pa.Table) -> pa.Table:
         if len(batch) == 0:
             return batch
-        start = time.perf_counter()
-        result = self.stage(batch)
-        return self.account(batch, result, time.perf_counter() - start)
+        started, start = time.time(), time.perf_counter()
+        result = run_stage(self.stage, batch, self.stage_name)
+        return self.account(batch, result, time.perf_counter() - start, started)
 
-    def account(self, batch: pa.Table, result: pa.Table, seconds: float) -> pa.Table:
+    def account(self, batch: pa.Table, result: pa.Table, seconds: float, started: float | None = None) -> pa.Table:
         """Ledger the dropped rows of `result` (the stage's output for `batch`); return the kept ones."""
         result = ensure_drop_columns(result)
         if len(result) != len(batch):
@@ -152,7 +170,7 @@ class Accounted:
         source = constant_value(batch["source"])  # one source per batch, nearly always: counted once
         if not keep.all():
             write_ledger(self.storage, self.output, self.stage_name, key, ledger_rows(result, ~keep, source))
-        write_stats(self.storage, self.output, self.stage_name, key, batch, out, seconds, source)
+        write_stats(self.storage, self.output, self.stage_name, key, batch, out, seconds, source, started)
         return out.drop_columns([DROP_REASON, DROP_DETAIL])
 
 
@@ -229,6 +247,8 @@ def write_ledger(storage: Storage, output: str, stage: str, key: str, rows: pa.T
         writer.write_table(table)
         writer.add_key_value_metadata({LEDGER_COUNTS: json.dumps(counts)})
     storage.write_atomic(join(output, "ledger", stage, f"{key}.parquet"), buf.getvalue())
+    for c in counts:
+        metrics.count("rs5m_rows_dropped", c["count_all"], stage=stage, source=c["source"] or "", reason=c["reason"])
 
 
 def ledger_counts(storage: Storage, output: str) -> list[dict]:
@@ -243,28 +263,45 @@ def ledger_counts(storage: Storage, output: str) -> list[dict]:
 
 
 def write_stats(storage: Storage, output: str, stage: str, key: str, batch: pa.Table,
-                out: pa.Table, seconds: float, source: str | None = None) -> None:
+                out: pa.Table, seconds: float, source: str | None = None, started: float | None = None) -> None:
     """Rows in and out per source; `source`: the batch's one source, when known."""
     if source is not None:
         rows_in, rows_out = {source: len(batch)}, {source: len(out)}
     else:
         rows_in, rows_out = _count_by_source(batch), _count_by_source(out)
-    write_counts(storage, output, stage, key, rows_in, rows_out, seconds)
+    write_counts(storage, output, stage, key, rows_in, rows_out, seconds, started)
 
 
 def write_counts(storage: Storage, output: str, stage: str, key: str, rows_in: dict[str, int],
-                 rows_out: dict[str, int], seconds: float) -> None:
-    """`stats/<stage>/<key>.parquet`: rows in and out per source, the stage's seconds shared by rows."""
+                 rows_out: dict[str, int], seconds: float, started: float | None = None) -> None:
+    """`stats/<stage>/<key>.parquet`: rows in and out per source, the stage's seconds shared by rows, the
+    wall-clock span (`started`, default: `seconds` before now) and the node."""
     sources = sorted(rows_in)
     total = max(sum(rows_in.values()), 1)
+    finished = time.time()
+    started = finished - seconds if started is None else started
     table = pa.table({
         "stage": [stage] * len(sources),
         "source": sources,
         "rows_in": [rows_in[s] for s in sources],
         "rows_out": [rows_out.get(s, 0) for s in sources],
         "seconds": [seconds * rows_in[s] / total for s in sources],
+        "started": [started] * len(sources),
+        "finished": [finished] * len(sources),
+        "node": [_node()] * len(sources),
     }, schema=STATS_SCHEMA)
     write_parquet(storage, join(output, "stats", stage, f"{key}.parquet"), table)
+    for s in sources:
+        metrics.count("rs5m_rows_in", rows_in[s], stage=stage, source=s)
+        metrics.count("rs5m_rows_out", rows_out.get(s, 0), stage=stage, source=s)
+    metrics.observe("rs5m_stage_seconds", seconds, stage=stage)
+
+
+def _node() -> str:
+    """The Ray node this runs on (its id), or the host name outside Ray."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
 
 
 def _count_by_source(table: pa.Table) -> dict[str, int]:
@@ -302,11 +339,14 @@ class PartAccount:
         self.rows_in: Counter = Counter()
         self.rows_out: Counter = Counter()
         self.seconds = 0.0
+        self.started: float | None = None
 
     def add(self, batch: pa.Table, result: pa.Table, seconds: float) -> pa.Table:
         """Account `result` (the stage's marks on `batch`); return its kept rows."""
         result = ensure_drop_columns(result)
         out, gone = kept(result), dropped(result)
+        if self.started is None:
+            self.started = time.time() - seconds
         self.rows_in.update(_count_by_source(batch))
         self.rows_out.update(_count_by_source(out))
         self.seconds += seconds
@@ -319,5 +359,6 @@ class PartAccount:
         if self.gone:
             write_ledger(self.storage, self.output, self.stage, part,
                          pa.concat_tables(self.gone, promote_options="permissive"))
-        write_counts(self.storage, self.output, self.stage, part, self.rows_in, self.rows_out, self.seconds)
+        write_counts(self.storage, self.output, self.stage, part, self.rows_in, self.rows_out, self.seconds,
+                     self.started)
         return {"rows_in": sum(self.rows_in.values()), "rows_out": sum(self.rows_out.values())}

@@ -65,6 +65,7 @@ class Storage:
             opts["key"], opts["secret"] = c.key, c.secret
         if c.region:
             opts["client_kwargs"] = {"region_name": c.region}
+        opts["config_kwargs"] = {"retries": {"max_attempts": c.max_attempts, "mode": "standard"}}
         # Our own per-process cache (Storage.fs) is the only one: fsspec's is keyed by options only.
         opts["skip_instance_cache"] = True
         # The instance lives as long as the process: no listing cache, so files that other

@@ -42,13 +42,15 @@ def test_example_configs_in_jobs_load():
     jobs = Path(__file__).resolve().parents[1] / "jobs"
     configs = [p for p in jobs.glob("*.yaml") if not p.name.endswith(".job.yaml")]
     assert configs
+    from rs5m_ray.config import EvalConfig, PipelineConfig, Rs3Config
+
     for p in configs:
         if p.name.startswith("georsclip"):
             georsclip.check(load_config(p, cls=TrainConfig))
         else:
-            load_config(p)
-    for p in jobs.glob("*.job.yaml"):
-        assert load_job_spec(str(p))["entrypoint"].startswith("rs5m ")
+            load_config(p, cls={"rs3": Rs3Config, "eval": EvalConfig}.get(p.name.split("-")[0], PipelineConfig))
+    for p in jobs.glob("*.job.yaml"):  # the same command on the project image and on a stock one
+        assert load_job_spec(str(p))["entrypoint"].startswith(("python -m rs5m_ray.cli ", "python benchmarks/"))
 
 
 def test_cli_has_a_subcommand_per_job():

@@ -26,7 +26,7 @@ def jpeg(color, size=(64, 48)) -> bytes:
 IMAGES = {"red.jpg": jpeg((200, 0, 0)), "green.jpg": jpeg((0, 200, 0))}
 # Fast but otherwise default settings: retries and backoff stay on.
 FAST = dict(timeout_s=2.0, connect_timeout_s=1.0, read_timeout_s=0.5, retries=2, backoff_base_s=0.05,
-            max_retry_after_s=5.0, max_bytes=200_000, allow_private_addresses=True)
+            max_retry_after_s=5.0, max_bytes=200_000, allow_hosts=["127.0.0.0/8"])
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_every_fault_ends_in_output_or_ledger(server, tmp_path):
 
 
 def test_public_only_by_default(server):
-    stage = DownloadStage(DownloadConfig(**{**FAST, "allow_private_addresses": False}))
+    stage = DownloadStage(DownloadConfig(**{**FAST, "allow_hosts": []}))
     urls = [server.url("img/red.jpg"), server.url("img/red.jpg", hostname="localhost"),
             "http://10.1.2.3/a.jpg", "http://169.254.169.254/latest/meta-data/", "http://[::1]/a.jpg",
             "http://[::ffff:127.0.0.1]/a.jpg", "http://0.0.0.0/a.jpg", "http://192.168.1.1/a.jpg"]

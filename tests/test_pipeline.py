@@ -13,6 +13,7 @@ from rs5m_ray.models.clip import load_clip
 from rs5m_ray.pipelines import pub11
 from rs5m_ray.pipelines.demo import run_demo
 from tests.conftest import free_port
+from tests.report_browser import check_report_page
 
 
 def rs5m_decoder(key, data):  # as RS5M's dataloader.py decodes a sample
@@ -38,6 +39,7 @@ def test_demo_end_to_end_then_resume(tmp_path, sort_shuffle, capsys):
             "low_clip_score", "not_rs"} <= reasons
     assert report["keyword_hits"]["aerial view"] > 0
     assert (run / "report.png").read_bytes()[:4] == b"\x89PNG"
+    check_report_page(run, tmp_path / "chromium-profile")  # report.html and every figure load in Chromium
     misses = pq.read_table(run / "ledger" / "keyword_filter")  # located by sample_id, caption not kept
     assert len(misses) == report["funnel"]["keyword_filter"]["rows_in"] - report["funnel"]["keyword_filter"]["rows_out"]
     assert misses["caption"].null_count == len(misses) and misses["sample_id"].null_count == 0
@@ -77,7 +79,7 @@ def test_a_run_where_nothing_survives_ends_with_zero_shards_and_a_balanced_ledge
     pq.write_table(pa.table({"URL": urls, "TEXT": ["aerial view of a harbour"] * 40}), tmp_path / "meta.parquet")
     cfg = load_config(overrides={
         "output": str(tmp_path / "out"), "ingest": {"sources": [{"name": "laion2b", "paths": [str(tmp_path / "*.parquet")]}]},
-        "parts": {"num_parts": 3}, "download": {"allow_private_addresses": True, "retries": 0},
+        "parts": {"num_parts": 3}, "download": {"allow_hosts": ["127.0.0.0/8"], "retries": 0},
         "scoring": {"enabled": False}, "near_dup": {"embedding_enabled": False}})
     report = pub11.run(cfg)
     assert report["shards"] == {"count": 0, "samples": 0, "dir": str(tmp_path / "out" / "shards")}

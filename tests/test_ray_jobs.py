@@ -1,4 +1,5 @@
-"""Ray Jobs with token authentication against a real `ray start --head` cluster."""
+"""Ray Jobs with token authentication against a real `ray start --head` cluster, through `rs5m`."""
+import json
 import os
 import signal
 import shutil
@@ -56,17 +57,43 @@ def _answers(address: str) -> bool:
         return False
 
 
-def test_submit_job_spec_with_token_auth(tmp_path, token_cluster):
+def rs5m(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rs5m_ray.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=180)
+
+
+def wait_for_status(address: str, job_id: str, env: dict, wanted: set[str], timeout_s: float = 120) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        run = rs5m("jobs", "status", job_id, "--address", address, env=env)
+        assert run.returncode == 0, run.stderr[-2000:]
+        status = json.loads(run.stdout)["status"]
+        if status in wanted or time.monotonic() > deadline:
+            return status
+        time.sleep(1)
+
+
+def test_rs5m_submit_status_logs_and_stop_with_token_auth(tmp_path, token_cluster):
     address, env = token_cluster
-    spec = tmp_path / "hello.job.yaml"
-    spec.write_text("entrypoint: python -c \"import rs5m_ray; print('rs5m job ran')\"\n"
-                    "entrypoint_num_cpus: 0\n")
-    code = ("import sys; from rs5m_ray.jobs import submit_job; "
-            f"print(submit_job({address!r}, {str(spec)!r}, wait=True, timeout_s=120))")
-    ok = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
-    assert ok.returncode == 0, ok.stderr[-2000:]
-    assert "rs5m job ran" in ok.stdout
-    # Without the token the cluster refuses the submission.
+    done = tmp_path / "hello.job.yaml"
+    done.write_text("entrypoint: python -c \"import rs5m_ray; print('rs5m job ran')\"\nentrypoint_num_cpus: 0\n")
+    submitted = rs5m("submit", str(done), "--address", address, "--wait", env=env)  # waits, prints the logs
+    assert submitted.returncode == 0, submitted.stderr[-2000:]
+    job_id = submitted.stdout.split()[-1]
+    assert wait_for_status(address, job_id, env, {"SUCCEEDED", "FAILED"}) == "SUCCEEDED"
+    logs = rs5m("jobs", "logs", job_id, "--address", address, env=env)
+    assert logs.returncode == 0 and "rs5m job ran" in logs.stdout
+
+    endless = tmp_path / "endless.job.yaml"
+    endless.write_text("entrypoint: python -c \"import time; time.sleep(600)\"\nentrypoint_num_cpus: 0\n")
+    second = rs5m("submit", str(endless), "--address", address, env=env).stdout.split()[-1]
+    stopped = rs5m("jobs", "stop", second, "--address", address, env=env)
+    assert stopped.returncode == 0 and json.loads(stopped.stdout)["stop_requested"] is True
+    assert wait_for_status(address, second, env, {"STOPPED", "FAILED", "SUCCEEDED"}) == "STOPPED"
+    # The first job is untouched by the second's stop.
+    assert wait_for_status(address, job_id, env, {"SUCCEEDED"}, timeout_s=5) == "SUCCEEDED"
+
+    # Without the right token the cluster refuses both submission and queries.
     bad_env = dict(env, RAY_AUTH_TOKEN="wrong-token-wrong-token-wrong-0000")
-    bad = subprocess.run([sys.executable, "-c", code], env=bad_env, capture_output=True, text=True, timeout=180)
-    assert bad.returncode != 0
+    assert rs5m("submit", str(done), "--address", address, env=bad_env).returncode != 0
+    assert rs5m("jobs", "status", job_id, "--address", address, env=bad_env).returncode != 0

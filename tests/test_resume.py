@@ -39,7 +39,7 @@ def config(path: Path, sources: list, out: Path) -> Path:
         "ray": {"num_cpus": 2, "object_store_memory": 256 * 1024**2, "shuffle_strategy": "sort_shuffle_pull_based"},
         "ingest": {"sources": sources},
         "parts": {"num_parts": 8},
-        "download": {"allow_private_addresses": True, "max_actors": 1, "concurrency_per_task": 3, "retries": 0},
+        "download": {"allow_hosts": ["127.0.0.0/8"], "max_actors": 1, "concurrency_per_task": 3, "retries": 0},
         "near_dup": {"embedding_enabled": False},
         "scoring": {"enabled": False},
         "shards": {"train_shards": 3, "val_shards": 1},

@@ -17,7 +17,8 @@ from PIL import Image
 
 from rs5m_ray.config import ScoringConfig
 from rs5m_ray.models.images import open_rgb
-from rs5m_ray.models.weights import LoadReport, load_weights, read_state_dict, resolve_weights
+from rs5m_ray.models.peft import method_of
+from rs5m_ray.models.weights import LoadReport, load_weights, read_checkpoint, resolve_weights
 from rs5m_ray.shards.reader import DRAFT_MARGIN, normalize, preprocess_batch
 from rs5m_ray.storage import Storage
 
@@ -136,7 +137,10 @@ def load_clip(cfg: ScoringConfig, storage: Storage | None = None) -> ClipModel:
     report = None
     if cfg.clip_pretrained and tag is None:
         path = resolve_weights(cfg.clip_pretrained, storage, cfg.weights_cache_dir)
-        report = load_weights(model, read_state_dict(path), cfg.clip_pretrained, cfg.strict_weights)
+        state_dict, adapter = read_checkpoint(path)
+        if adapter:  # an unmergeable PEFT model (prefix, Pfeiffer, UniPELT): add its modules first
+            method_of(adapter).apply(model)
+        report = load_weights(model, state_dict, cfg.clip_pretrained, cfg.strict_weights)
     model.eval()
     if cfg.channels_last:
         model.visual.to(memory_format=torch.channels_last)

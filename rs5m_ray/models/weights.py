@@ -1,4 +1,4 @@
-"""Checkpoint files for open_clip models: find them, read them safely, load them with a key report.
+"""Checkpoint files and model folders: find them, read them safely, load them with a key report.
 
 Sources: a local path, any remote URL Storage reads (s3://...), or `hf-hub:org/repo/path/in/repo`
 (the Hugging Face hub cache; set HF_HUB_OFFLINE=1 to use only what is cached). Remote files
@@ -55,6 +55,43 @@ def resolve_weights(source: str, storage: Storage | None = None, cache_dir: str 
     return _cached_copy(source, storage or Storage(), cache)
 
 
+def resolve_model_dir(source: str, storage: Storage | None = None, cache_dir: str | None = None) -> str:
+    """A local directory holding the model folder `source` (a Hugging Face `save_pretrained`
+    layout, or a peft adapter): a local directory as it is; `s3://...` copied once per node
+    into the cache; `hf-hub:org/repo[@revision]` from the hub cache."""
+    cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE
+    if source.startswith(HF_HUB_PREFIX):
+        from huggingface_hub import snapshot_download
+
+        repo, _, revision = source[len(HF_HUB_PREFIX):].partition("@")
+        return snapshot_download(repo, revision=revision or None, cache_dir=str(cache / "hf"))
+    if is_local(source):
+        path = source.removeprefix("file://")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"model directory not found: {source}")
+        return path
+    storage = storage or Storage()
+    root = source.rstrip("/")
+    target = cache / hashlib.sha1(root.encode()).hexdigest()[:16] / os.path.basename(root)
+    if target.is_dir():
+        return str(target)
+    files = [f for f in storage.glob(f"{root}/**") if not storage.fs(f).isdir(f)]
+    if not files:
+        raise FileNotFoundError(f"model directory not found or empty: {source}")
+    tmp = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex}")
+    for f in files:
+        local = tmp / f[len(root) + 1:]
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with storage.open(f) as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=16 * 1024 * 1024)
+    try:
+        os.rename(tmp, target)  # atomic: a directory appears whole; another actor of the node may win
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("cached %s (%d files) at %s", source, len(files), target)
+    return str(target)
+
+
 def _cached_copy(url: str, storage: Storage, cache: Path) -> str:
     fs = storage.fs(url)
     size = fs.info(url)["size"]
@@ -72,6 +109,13 @@ def _cached_copy(url: str, storage: Storage, cache: Path) -> str:
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors or torch checkpoint, unwrapped from `state_dict` and key prefixes."""
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """`read_state_dict`'s tensors and the checkpoint's `peft` entry (the adapter method a
+    `rs5m_ray.models.peft` checkpoint was trained with; None for plain weights)."""
+    peft = None
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -79,10 +123,11 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     else:
         data = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        peft = data.get("peft")
         data = data["state_dict"]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise ValueError(f"{path}: not a state dict of tensors")
-    return {_rename(k): v for k, v in data.items()}
+    return {_rename(k): v for k, v in data.items()}, peft
 
 
 def _rename(key: str) -> str:

@@ -23,8 +23,11 @@ import json
 import time
 from typing import Any, Iterable
 
-from rs5m_ray.config import PipelineConfig, without_secrets
-from rs5m_ray.storage import Storage, join
+import pyarrow.parquet as pq
+
+from rs5m_ray.config import ShardConfig, output_keys, without_secrets
+from rs5m_ray.shards.writer import SHARD, ShardWriter, write_manifest
+from rs5m_ray.storage import Storage, is_local, join, strip_protocol
 
 CANDIDATES = "candidates"
 PART = "part"
@@ -35,20 +38,43 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}"
 
 
-def claim_output(cfg: PipelineConfig, storage: Storage, rerun_outputs: Iterable[str]) -> None:
-    """A run directory belongs to one configuration (credentials aside: rotating a key must not
-    block a resume, and no secret is ever written). A rerun removes `rerun_outputs` (the outputs
-    of stages every run recomputes) and keeps the staging."""
+class RunDirectoryInUse(ValueError):
+    """The output directory holds a run whose output-affecting configuration differs."""
+
+
+def claim_output(cfg: Any, storage: Storage, rerun_outputs: Iterable[str]) -> None:
+    """A run directory belongs to one configuration, as far as its output goes: keys that only
+    change resources (`config.RESOURCE_KEYS`) and credentials (never written) may differ on a
+    resume. Call it once the inputs are validated, so a mistyped first run claims nothing. A
+    rerun removes `rerun_outputs` (the outputs of stages every run recomputes) and keeps the staging."""
     path = join(cfg.output, "run_config.json")
-    mine = json.dumps(without_secrets(cfg), sort_keys=True, indent=1)
+    mine = without_secrets(cfg)
     if storage.exists(path):
-        if storage.read_bytes(path).decode() != mine:
-            raise ValueError(f"{cfg.output} holds a run with a different configuration; "
-                             "resume with the same config or choose another output")
+        theirs, ours = output_keys(json.loads(storage.read_bytes(path))), output_keys(mine)
+        differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k, _MISSING) != ours.get(k, _MISSING))
+        if differ:
+            shown = "; ".join(f"{k}: {_short(theirs.get(k, _MISSING))} -> {_short(ours.get(k, _MISSING))}"
+                              for k in differ[:5])
+            raise RunDirectoryInUse(
+                f"{cfg.output} holds a run whose configuration differs in {len(differ)} key(s) that change the "
+                f"output ({shown}{'; ...' if len(differ) > 5 else ''}): resume with the same values or choose "
+                "another output")
         for name in rerun_outputs:
             storage.remove(join(cfg.output, name))
-        return
-    storage.write_atomic(path, mine.encode())
+        if is_local(cfg.output):
+            # Scratch files of writers killed mid-write (`<file>.tmp-<uuid>`, see Storage.scratch_path):
+            # no writer of this run has started yet. (On object stores scratch files are local temp files.)
+            for leftover in storage.glob(join(cfg.output, "**", "*.tmp-*")):
+                storage.remove(leftover)
+    storage.write_atomic(path, json.dumps(mine, sort_keys=True, indent=1).encode())
+
+
+_MISSING = "<absent>"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if value is not _MISSING else value
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class Staging:
@@ -87,6 +113,37 @@ class Staging:
 
     def paths(self, phase: str, parts: list[str]) -> list[str]:
         return [self.path(phase, p) for p in parts]
+
+
+def light_rows(storage: Storage, staging: Staging, phase: str):
+    """Every row a part phase staged, without its image bytes, as a Ray dataset; None if none."""
+    import ray.data
+
+    paths = [staging.path(phase, m[PART]) for m in staging.markers(phase) if m["rows"]]
+    if not paths:
+        return None
+    fs, _ = storage.arrow_fs(paths[0])
+    with storage.open(paths[0]) as f:
+        columns = [c for c in pq.read_schema(f).names if c != "jpg"]
+    return ray.data.read_parquet([strip_protocol(p) for p in paths], filesystem=fs).select_columns(columns)
+
+
+def write_shards(ds, output: str, storage: Storage, cfg: ShardConfig, staging: Staging, images_phase: str,
+                 index=None) -> dict:
+    """The accounted sink: one shard writer per shard over the light rows of `ds` (None: no rows), bytes
+    streamed from `images_phase`'s staged parts; then this run's `shards/manifest.json`. Returns the
+    report's `shard_run`."""
+    from functools import partial
+
+    manifests: list[dict] = []
+    run = {"written": 0, "skipped": 0}
+    if ds is not None and ds.count():
+        writer = ShardWriter(output, storage, cfg, partial(staging.path, images_phase), index)
+        summary = ds.groupby(SHARD).map_groups(writer, batch_format="pyarrow").take_all()
+        manifests = [json.loads(r["manifest"]) for r in summary]
+        run = {s: sum(r["status"] == s for r in summary) for s in ("written", "skipped")}
+    manifest = write_manifest(join(output, "shards"), storage, manifests)
+    return {**run, "samples": manifest["samples"]}
 
 
 def timed(info: dict[str, Any], started: float) -> dict[str, Any]:

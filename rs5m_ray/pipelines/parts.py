@@ -4,6 +4,7 @@ marked done is skipped, so a rerun redoes only the parts a failure interrupted.
 
     candidates --FetchPart--> images (jpg + metadata, sorted and row-grouped by shard)
     images     --ScorePart--> scores (light: metadata + s_i, c_i, embedding; no image bytes)
+    images   --CaptionPart--> captions (RS3, light: metadata + candidates, scores, final caption)
 
 Both run as Ray Data actor pools over the part list, one after the other in one
 streaming job: a part is scored as soon as it is downloaded, while others download.
@@ -16,16 +17,18 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rs5m_ray.config import PipelineConfig
-from rs5m_ray.ledger import PartAccount
+from rs5m_ray.config import PipelineConfig, Rs3Config, ShardConfig
+from rs5m_ray.ledger import PartAccount, run_stage
 from rs5m_ray.pipelines.harness import CANDIDATES, PART, Staging, timed
 from rs5m_ray.shards.writer import layout_rows, row_group_slices
+from rs5m_ray.sources.labeled import ReadLabeled
 from rs5m_ray.stages.decode import DecodeStage
 from rs5m_ray.stages.download import DownloadStage
 from rs5m_ray.storage import Storage
 
 IMAGES = "images"
 SCORES = "scores"
+CAPTIONS = "captions"
 SUMMARY = pa.schema([(PART, pa.string()), ("rows", pa.int64())])
 
 
@@ -38,6 +41,16 @@ def write_part(storage: Storage, path: str, table: pa.Table) -> None:
         for offset, length in row_group_slices(table):
             writer.write_table(table.slice(offset, length), row_group_size=length)
     storage.commit_file(scratch, path)
+
+
+def stage_images(storage: Storage, staging: Staging, shards: ShardConfig, part: str, kept: list[pa.Table]) -> int:
+    """Commit a part's kept image rows to staging/images, sorted and row-grouped by shard; their count."""
+    rows = pa.concat_tables(kept) if kept else None
+    if rows is None or len(rows) == 0:
+        return 0
+    rows = rows.append_column(PART, pa.array([part] * len(rows), pa.string()))
+    write_part(storage, staging.path(IMAGES, part), layout_rows(rows, shards))
+    return len(rows)
 
 
 def summary(parts: list[str], rows: list[int]) -> pa.Table:
@@ -82,7 +95,7 @@ class FetchPart:
             got = downloads.add(batch, result, seconds)
             if len(got):
                 kept.append(self._decode(got, decodes))
-        staged = self._stage(part, kept)
+        staged = stage_images(self.storage, self.staging, self.cfg.shards, part, kept)
         info = {"candidates": len(rows), "download": downloads.commit(part), "decode": decodes.commit(part)}
         self.staging.mark_done(IMAGES, part, timed({**info, "rows": staged}, started))
         return staged
@@ -94,14 +107,6 @@ class FetchPart:
         results = list(self.decoders.map(lambda piece: self._timed(self.decode, piece), pieces))
         return pa.concat_tables([account.add(piece, result, seconds)
                                  for piece, (result, seconds) in zip(pieces, results)])
-
-    def _stage(self, part: str, kept: list[pa.Table]) -> int:
-        rows = pa.concat_tables(kept) if kept else None
-        if rows is None or len(rows) == 0:
-            return 0
-        rows = rows.append_column(PART, pa.array([part] * len(rows), pa.string()))
-        write_part(self.storage, self.staging.path(IMAGES, part), layout_rows(rows, self.cfg.shards))
-        return len(rows)
 
     @staticmethod
     def _timed(stage, batch: pa.Table) -> tuple[pa.Table, float]:
@@ -116,7 +121,6 @@ class ScorePart:
         from rs5m_ray.stages.clip_score import ClipScore  # here, so torch stays out of the fetch actors
 
         self.cfg, self.storage = cfg, storage
-        self.staging = Staging(cfg.output, storage)
         self.stage = ClipScore(cfg.scoring, storage)
 
     def __call__(self, items: pa.Table) -> pa.Table:
@@ -124,24 +128,84 @@ class ScorePart:
         return summary(parts, [self.score(p) if n else 0 for p, n in zip(parts, rows)])
 
     def score(self, part: str) -> int:
-        done = self.staging.marker(SCORES, part)
+        return stage_light_part(self.stage, "clip_score", self.cfg.output, self.storage, IMAGES, SCORES, part)
+
+
+def stage_light_part(stage, stage_name: str, output: str, storage: Storage, source: str, phase: str,
+                     part: str) -> int:
+    """Run `stage` over staging/<source>/<part> one row group at a time; commit the kept rows without
+    their image bytes to staging/<phase>/<part>, the ledger and counts, then the done-marker."""
+    staging = Staging(output, storage)
+    done = staging.marker(phase, part)
+    if done is not None:
+        return done["rows"]
+    started = time.time()
+    account = PartAccount(stage_name, output, storage)
+    light = []
+    with storage.open(staging.path(source, part)) as f:
+        staged = pq.ParquetFile(f)
+        for group in range(staged.num_row_groups):
+            batch = staged.read_row_group(group)
+            start = time.perf_counter()
+            result = run_stage(stage, batch, stage_name)
+            light.append(account.add(batch, result, time.perf_counter() - start).drop_columns(["jpg"]))
+    rows = pa.concat_tables(light)
+    if len(rows):
+        pq.write_table(rows, scratch := storage.scratch_path(staging.path(phase, part)), compression="zstd")
+        storage.commit_file(scratch, staging.path(phase, part))
+    staging.mark_done(phase, part, timed({stage_name: account.commit(part), "rows": len(rows)}, started))
+    return len(rows)
+
+
+class CaptionPart:
+    """RS3: candidates, ranking and the final caption (`stages.caption`) over whole staged parts of
+    `previous` (with `jpg`), one row group at a time; stages the light rows in `CAPTIONS`."""
+
+    def __init__(self, cfg: Rs3Config, storage: Storage, previous: str):
+        from rs5m_ray.stages.caption import CaptionStage  # here, so torch stays out of the reading actors
+
+        self.cfg, self.storage, self.previous = cfg, storage, previous
+        self.stage = CaptionStage(cfg.caption, cfg.caption_rank, storage)
+
+    def __call__(self, items: pa.Table) -> pa.Table:
+        parts, rows = items[PART].to_pylist(), items["rows"].to_pylist()
+        return summary(parts, [stage_light_part(self.stage, "caption", self.cfg.output, self.storage, self.previous,
+                                                CAPTIONS, p) if n else 0 for p, n in zip(parts, rows)])
+
+
+class ReadLabeledPart:
+    """RS3: read whole parts of label-source samples (image + metadata, `sources.labeled`) and validate
+    them (`DecodeStage`); stage the kept images sorted and row-grouped by shard. Ledger stages
+    `ingest` (unreadable files) and `decode`."""
+
+    def __init__(self, cfg: Rs3Config, storage: Storage):
+        self.cfg, self.storage = cfg, storage
+        self.staging = Staging(cfg.output, storage)
+        self.read = ReadLabeled(storage, cfg.rgb, cfg.read.threads)
+        self.decode = DecodeStage(cfg.decode)
+
+    def __call__(self, items: pa.Table) -> pa.Table:
+        parts = items[PART].to_pylist()
+        return summary(parts, [self.fetch(p) for p in parts])
+
+    def fetch(self, part: str) -> int:
+        done = self.staging.marker(IMAGES, part)
         if done is not None:
             return done["rows"]
         started = time.time()
-        account = PartAccount("clip_score", self.cfg.output, self.storage)
-        light = []
-        with self.storage.open(self.staging.path(IMAGES, part)) as f:
-            staged = pq.ParquetFile(f)
-            for group in range(staged.num_row_groups):
-                batch = staged.read_row_group(group)
+        with self.storage.open(self.staging.path(CANDIDATES, part)) as f:
+            rows = pq.read_table(f)
+        reads = PartAccount("ingest", self.cfg.output, self.storage)
+        decodes = PartAccount("decode", self.cfg.output, self.storage)
+        step = 4 * self.cfg.read.threads
+        kept = []
+        for batch in (rows.slice(i, step) for i in range(0, len(rows), step)):
+            start = time.perf_counter()
+            got = reads.add(batch, self.read(batch), time.perf_counter() - start)
+            if len(got):
                 start = time.perf_counter()
-                result = self.stage(batch)
-                light.append(account.add(batch, result, time.perf_counter() - start).drop_columns(["jpg"]))
-        rows = pa.concat_tables(light)
-        if len(rows):
-            pq.write_table(rows, scratch := self.storage.scratch_path(self.staging.path(SCORES, part)),
-                           compression="zstd")
-            self.storage.commit_file(scratch, self.staging.path(SCORES, part))
-        self.staging.mark_done(SCORES, part, timed({"clip_score": account.commit(part), "rows": len(rows)},
-                                                   started))
-        return len(rows)
+                kept.append(decodes.add(got, self.decode(got), time.perf_counter() - start))
+        staged = stage_images(self.storage, self.staging, self.cfg.shards, part, kept)
+        info = {"candidates": len(rows), "ingest": reads.commit(part), "decode": decodes.commit(part)}
+        self.staging.mark_done(IMAGES, part, timed({**info, "rows": staged}, started))
+        return staged

@@ -16,22 +16,22 @@ download: the report's timeline shows how much the two overlapped.
 """
 from __future__ import annotations
 
-import json
 from functools import partial
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import ray.data
 
 from rs5m_ray.config import ConfigError, PipelineConfig
 from rs5m_ray.dedup_index import index_for
 from rs5m_ray.ledger import Accounted, write_parquet
-from rs5m_ray.pipelines.harness import CANDIDATES, PART, Staging, claim_output, part_name, timeline
+from rs5m_ray.pipelines.harness import (CANDIDATES, PART, Staging, claim_output, part_name, timeline,
+                                        write_shards)
+from rs5m_ray.pipelines.harness import light_rows as staged_light_rows
 from rs5m_ray.pipelines.parts import IMAGES, SCORES, FetchPart, ScorePart
 from rs5m_ray.ray_runtime import init_ray
 from rs5m_ray.report import build_report
-from rs5m_ray.shards.writer import SHARD, ShardWriter, write_manifest
+from rs5m_ray.sources.adapters import ADAPTERS
 from rs5m_ray.sources.ingest import IngestFiles, list_inputs
 from rs5m_ray.stages.embedding_dedup import apply_embedding_dedup
 from rs5m_ray.stages.host_limits import start_host_limits, stop_host_limits
@@ -40,7 +40,7 @@ from rs5m_ray.stages.keyword_filter import KeywordFilter
 from rs5m_ray.stages.near_dup import apply_phash_dedup
 from rs5m_ray.stages.quantile import apply_quantile_filter
 from rs5m_ray.stages.url_dedup import BUCKET, add_url_bucket, dedup_urls
-from rs5m_ray.storage import Storage, join, strip_protocol
+from rs5m_ray.storage import Storage, join
 
 METADATA_STAGES = ["ingest", "keyword_filter", "url_dedup"]
 PART_STAGES = ["download", "decode", "clip_score"]
@@ -128,20 +128,12 @@ def parts_phase(cfg: PipelineConfig, storage: Storage, parts: list[str]) -> None
 
 def light_rows(cfg: PipelineConfig, storage: Storage, staging: Staging) -> ray.data.Dataset | None:
     """Every staged row without its image bytes (the scores when scoring ran), or None if none."""
-    phase = SCORES if cfg.scoring.enabled else IMAGES
-    paths = [staging.path(phase, m[PART]) for m in staging.markers(phase) if m["rows"]]
-    if not paths:
-        return None
-    fs, _ = storage.arrow_fs(paths[0])
-    with storage.open(paths[0]) as f:
-        columns = [c for c in pq.read_schema(f).names if c != "jpg"]
-    return ray.data.read_parquet([strip_protocol(p) for p in paths], filesystem=fs).select_columns(columns)
+    return staged_light_rows(storage, staging, SCORES if cfg.scoring.enabled else IMAGES)
 
 
 def global_phase(cfg: PipelineConfig, storage: Storage, staging: Staging, ds: ray.data.Dataset | None) -> dict:
     extra: dict = {}
     index = index_for(cfg.near_dup, cfg.output, storage)
-    manifests: list[dict] = []
     if ds is not None:
         if cfg.near_dup.phash_enabled:
             ds = apply_phash_dedup(ds, cfg.near_dup, cfg.output, storage, index)
@@ -152,31 +144,33 @@ def global_phase(cfg: PipelineConfig, storage: Storage, staging: Staging, ds: ra
         if index is None and "image_embedding" in ds.columns():
             ds = ds.drop_columns(["image_embedding"])  # the shuffle carries only what the writer uses
         ds = ds.materialize()
-        if ds.count():
-            writer = ShardWriter(cfg.output, storage, cfg.shards, partial(staging.path, IMAGES), index)
-            summary = ds.groupby(SHARD).map_groups(writer, batch_format="pyarrow").take_all()
-            manifests = [json.loads(r["manifest"]) for r in summary]
-            extra["shard_run"] = {s: sum(r["status"] == s for r in summary) for s in ("written", "skipped")}
-    manifest = write_manifest(join(cfg.output, "shards"), storage, manifests)
-    extra.setdefault("shard_run", {"written": 0, "skipped": 0})["samples"] = manifest["samples"]
+    extra["shard_run"] = write_shards(ds, cfg.output, storage, cfg.shards, staging, IMAGES, index)
     return extra
 
 
 def check(cfg: PipelineConfig) -> None:
+    """What load-time validation cannot know: cross-section needs and the known sources."""
     if cfg.scoring.enabled and not cfg.scoring.detector_checkpoint:
         raise ConfigError("scoring.detector_checkpoint is required (train one with `rs5m train-detector`)")
     if cfg.near_dup.phash_enabled and not cfg.decode.phash:
         raise ConfigError("near_dup.phash_enabled needs decode.phash (the hash is computed in the decode pass)")
     if cfg.near_dup.embedding_enabled and not cfg.scoring.enabled:
         raise ConfigError("near_dup.embedding_enabled needs scoring.enabled (embeddings come from the CLIP pass)")
+    if not cfg.ingest.sources:
+        raise ConfigError("ingest.sources: no sources given")
+    for i, source in enumerate(cfg.ingest.sources):
+        if source.name not in ADAPTERS:
+            raise ConfigError(f"ingest.sources[{i}].name: unknown source {source.name!r}; known: {sorted(ADAPTERS)}")
 
 
 def run(cfg: PipelineConfig) -> dict:
     check(cfg)
     storage = Storage(cfg.storage)
-    init_ray(cfg.ray)
-    claim_output(cfg, storage, GLOBAL_OUTPUTS)
     staging = Staging(cfg.output, storage)
+    if staging.candidate_parts() is None:
+        list_inputs(cfg.ingest, storage)  # inputs exist before the output is claimed or Ray starts
+    claim_output(cfg, storage, GLOBAL_OUTPUTS)
+    init_ray(cfg.ray)
     parts = metadata_phase(cfg, storage, staging)
     parts_phase(cfg, storage, parts)
     extra = global_phase(cfg, storage, staging, light_rows(cfg, storage, staging))

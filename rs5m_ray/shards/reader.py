@@ -215,10 +215,14 @@ class ShardReader(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _worker(self) -> tuple[int, int]:
+        """(loader processes, this one's index)."""
+        info = get_worker_info()
+        return (info.num_workers, info.id) if info else (1, 0)
+
     def _assignment(self) -> tuple[list[str], int, int, int]:
         """This reader's shards, which n-th of every `count` samples it keeps, and its index."""
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        workers, worker = self._worker()
         index, count = self.rank * workers + worker, self.world_size * workers
         urls = list(self.urls)
         if self.shuffle_shards:

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from rs5m_ray import metrics
 from rs5m_ray.config import ShardConfig
 from rs5m_ray.dedup_index import DedupIndex
 from rs5m_ray.ledger import PartAccount, mark_dropped
@@ -127,6 +128,9 @@ class ShardWriter:
         if manifests is None:
             manifests, missing = self._write(shard, rows, members)
             status = "written"
+            metrics.observe("rs5m_shard_seconds", time.perf_counter() - start)
+            for m in manifests:
+                metrics.observe("rs5m_shard_bytes", m["tar_bytes"])
         else:  # its samples whose staged bytes were missing then are ledgered again
             missing, status = self._unwritten(rows, manifests), "skipped"
         rows = mark_dropped(rows, pc.is_in(rows["sample_id"], pa.array(missing, pa.string())),

@@ -16,7 +16,8 @@ import pyarrow as pa
 from rs5m_ray.config import IngestConfig
 from rs5m_ray.ledger import Accounted
 from rs5m_ray.sources.adapters import get_adapter
-from rs5m_ray.sources.readers import SourceFileError, canonicalize, file_stem, read_raw
+from rs5m_ray.sources.readers import (SourceFileError, bad_line_rows, canonicalize, file_stem, lost_rows,
+                                      read_raw, rows_in_file)
 from rs5m_ray.storage import Storage, join
 
 
@@ -51,15 +52,34 @@ class IngestFiles:
             yield from self._read_file(source, path)
 
     def _read_file(self, source: str, path: str) -> Iterator[pa.Table]:
-        adapter, stem, row = get_adapter(source), file_stem(path), 0
+        adapter, stem, row, skipped = get_adapter(source), file_stem(path), 0, 0
         try:
-            for raw in read_raw(path, adapter, self.storage, self.cfg.batch_rows):
+            for raw, bad in read_raw(path, adapter, self.storage, self.cfg.batch_rows):
+                if bad:
+                    skipped += len(bad)
+                    yield self._account(bad_line_rows(adapter, stem, bad), 0.0)
+                if raw is None or not len(raw):
+                    continue
                 start = time.perf_counter()
-                table = canonicalize(raw, adapter, stem, row, self.cfg.max_caption_bytes)
+                table = canonicalize(raw, adapter, stem, row, self.cfg.max_caption_bytes, self.cfg.url_credentials)
                 row += len(raw)
-                yield self.accounted.account(table, table, time.perf_counter() - start)
-        except SourceFileError as e:
-            record = {"source": source, "path": path, "error": e.why, "rows_read_before_error": row}
-            key = hashlib.sha1(path.encode()).hexdigest()[:20]
-            self.storage.write_atomic(join(self.output, "errors", "ingest", f"{key}.json"),
-                                      json.dumps(record).encode())
+                yield self._account(table, time.perf_counter() - start)
+        except Exception as e:  # noqa: BLE001 - whatever fails in one file is that file's error
+            yield from self._unreadable(adapter, path, stem, row, skipped, e)
+
+    def _account(self, table: pa.Table, seconds: float) -> pa.Table:
+        return self.accounted.account(table, table, seconds)
+
+    def _unreadable(self, adapter, path: str, stem: str, row: int, skipped: int, error: Exception):
+        """Record the file's error; the rows it holds beyond those read, where they can be
+        counted, become `unreadable_file` drops (so the accounting sees them)."""
+        why = error.why if isinstance(error, SourceFileError) else f"{type(error).__name__}: {error}"
+        total = rows_in_file(path, adapter, self.storage)
+        lost = None if total is None else max(0, total - row - skipped)
+        record = {"source": adapter.name, "path": path, "error": why, "rows_read_before_error": row,
+                  "rows_lost": lost}
+        key = hashlib.sha1(path.encode()).hexdigest()[:20]
+        self.storage.write_atomic(join(self.output, "errors", "ingest", f"{key}.json"), json.dumps(record).encode())
+        for first in range(row, row + (lost or 0), self.cfg.batch_rows):
+            n = min(self.cfg.batch_rows, row + lost - first)
+            yield self._account(lost_rows(adapter, stem, first, n, why), 0.0)

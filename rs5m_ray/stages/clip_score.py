@@ -22,6 +22,7 @@ With randomly initialised weights (tests, demo) s_i and c_i mean nothing.
 """
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -29,6 +30,7 @@ import pyarrow as pa
 import ray.data
 import torch
 
+from rs5m_ray import metrics
 from rs5m_ray.config import ScoringConfig
 from rs5m_ray.ledger import Accounted, mark_dropped
 from rs5m_ray.models.clip import ClipModel, load_clip
@@ -113,14 +115,20 @@ class ClipScore:
         scores = np.full(n, np.nan, np.float32)
         probs = np.full(n, np.nan, np.float32)
         errors: list[str | None] = [None] * n
+        waited = forward = 0.0  # decode wait against forward: the accelerator starves when the first is large
         for start, pieces in chunks.items():
             # later chunks keep decoding during this chunk's forward
+            t0 = time.perf_counter()
             pixels, det_in, chunk_errors = joined([future.result() for future in pieces])
+            t1 = time.perf_counter()
             errors[start:start + len(chunk_errors)] = chunk_errors
             rows = [start + i for i, err in enumerate(chunk_errors) if err is None]
             if rows:
                 e, c = self._forward(pixels, det_in)
                 emb[rows], scores[rows], probs[rows] = e.numpy(), (e @ self.prompt).numpy(), c.numpy()
+            waited, forward = waited + t1 - t0, forward + time.perf_counter() - t1
+        metrics.observe("rs5m_clip_seconds", waited, phase="decode_wait")
+        metrics.observe("rs5m_clip_seconds", forward, phase="forward")
         failed = np.array([err is not None for err in errors])
         batch = batch.append_column("image_embedding", embedding_column(emb, failed))
         batch = batch.append_column("clip_score", pa.array(scores, pa.float32(), mask=failed))

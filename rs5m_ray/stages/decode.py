@@ -27,13 +27,11 @@ import pyarrow.compute as pc
 import simplejpeg
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from rs5m_ray.config import DecodeConfig
+from rs5m_ray.config import DecodeConfig, check_bounds
 from rs5m_ray.ledger import mark_dropped
 from rs5m_ray.stages.download import IMAGE_BYTES
 from rs5m_ray.stages.phash import compute_phash, jpeg_scale_for, phash_of_scaled
 
-RESIZE_MODES = ("keep", "max_side", "shortest_side")
-REENCODE_POLICIES = ("always", "if_needed")
 OUTPUT_SCHEMA = pa.schema([
     ("jpg", pa.binary()), ("width", pa.int32()), ("height", pa.int32()),
     ("orig_width", pa.int32()), ("orig_height", pa.int32()), ("orig_format", pa.string()),
@@ -55,15 +53,24 @@ class DecodeFailure(Exception):
         super().__init__(why, detail)
         self.why, self.detail = why, detail
 
+    @property
+    def reason(self) -> str:
+        return f"decode_error:{self.why}"
+
+
+class ImageRejected(DecodeFailure):
+    """A readable image that fails a quality guard: its reason is `why` itself."""
+
+    @property
+    def reason(self) -> str:
+        return self.why
+
 
 class DecodeStage:
     """Callable stage: `image_bytes` -> validated RGB JPEG and its metadata."""
 
     def __init__(self, cfg: DecodeConfig):
-        if cfg.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {cfg.resize_mode!r}")
-        if cfg.reencode not in REENCODE_POLICIES:
-            raise ValueError(f"reencode must be one of {REENCODE_POLICIES}, got {cfg.reencode!r}")
+        check_bounds(cfg, "decode")
         self.cfg = cfg
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -78,7 +85,7 @@ class DecodeStage:
             except Exception as e:  # includes Pillow failures nobody foresaw: they drop the row, not the batch
                 f = e if isinstance(e, DecodeFailure) else DecodeFailure("corrupt", f"{type(e).__name__}: {e}"[:200])
                 rows.append({})
-                reasons.append(f"decode_error:{f.why}")
+                reasons.append(f.reason)
                 details.append(f.detail or None)
         out = table.drop_columns([IMAGE_BYTES] + [c for c in OUTPUT_SCHEMA.names if c in table.column_names])
         for field in OUTPUT_SCHEMA:
@@ -96,6 +103,7 @@ def decode_image(data: bytes | None, cfg: DecodeConfig) -> dict:
         header = jpeg_header(data)  # Pillow's view of a plain JPEG's header, without Pillow's cost
         if header is not None:
             width, height, components, orientation = header
+            check_geometry(width, height, cfg)
             if (components == 3 and orientation == 1 and 0 < width * height <= cfg.max_pixels
                     and width * height <= _PILLOW_BOMB_PIXELS and target_size(width, height, cfg) == (width, height)):
                 kept, tried_kept = _kept_jpeg(data, width, height, cfg), True
@@ -113,6 +121,7 @@ def decode_image(data: bytes | None, cfg: DecodeConfig) -> dict:
         width, height = img.size
         if width < 1 or height < 1:
             raise DecodeFailure("zero_bytes", f"{width}x{height} pixels")
+        check_geometry(width, height, cfg)
         if width * height > cfg.max_pixels:
             raise DecodeFailure("too_many_pixels", f"{width}x{height} > {cfg.max_pixels}")
         orientation = _orientation(img)
@@ -153,6 +162,16 @@ def decode_image(data: bytes | None, cfg: DecodeConfig) -> dict:
             "sha256": hashlib.sha256(data).hexdigest(),
             "phash": compute_phash(rgb, cfg.phash_method) if cfg.phash else None,
         }
+
+
+def check_geometry(width: int, height: int, cfg: DecodeConfig) -> None:
+    """img2dataset's size guards: the shorter side at least `min_image_size`, longer / shorter at
+    most `max_aspect_ratio`."""
+    short, long = min(width, height), max(width, height)
+    if short < cfg.min_image_size:
+        raise ImageRejected("image_too_small", f"{width}x{height} < {cfg.min_image_size} px")
+    if cfg.max_aspect_ratio is not None and short and long / short > cfg.max_aspect_ratio:
+        raise ImageRejected("aspect_ratio_too_large", f"{width}x{height}: {long / short:.1f} > {cfg.max_aspect_ratio:g}")
 
 
 def _kept_jpeg(data: bytes, width: int, height: int, cfg: DecodeConfig) -> dict | None:

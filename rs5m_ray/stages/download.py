@@ -5,9 +5,10 @@ the same rows plus `image_bytes`. Inside a batch, requests run concurrently on a
 asyncio loop (one background thread per process, shared by all stages in it)
 with at most `concurrency_per_task` in flight. Per-host caps and rate limits come
 from `host_limits` (job-wide under Ray). Every hop of a redirect chain is checked
-again: http(s) only, no loopback/private/link-local/metadata address (checked on
-the resolved address that is actually connected to), so a URL can never reach a
-local file or an internal service. Rows whose `url` is an s3:// URL or a local
+again: http(s) only, public addresses only unless `AddressPolicy` allows more
+(checked on the resolved address that is actually connected to, IPv6 forms that
+embed an IPv4 address judged by that address), so a URL can never reach a local
+file or an internal service. Credentials in a URL (`user:pass@`) are never sent. Rows whose `url` is an s3:// URL or a local
 path are read through `Storage`, only when `allow_storage_sources` is set.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yarl
 
+from rs5m_ray import metrics
 from rs5m_ray.config import DownloadConfig
 from rs5m_ray.ledger import mark_dropped
 from rs5m_ray.stages.host_limits import HostLeases, connect_host_leases
@@ -53,27 +55,77 @@ class BlockedAddress(OSError):
     """A host resolved only to addresses the safety rules refuse."""
 
 
+# Link-local and cloud metadata services: allowed only by an allow_hosts entry inside them.
+METADATA_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
+    "169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128", "100.100.100.200/32"))
+NAT64_NETWORKS = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48"))
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def embedded_ipv4(ip: IPAddress) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries (mapped, IPv4-compatible, NAT64, 6to4, Teredo)."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    if ip.ipv4_mapped:
+        return [ip.ipv4_mapped]
+    if ip.sixtofour:
+        return [ip.sixtofour]
+    if ip.teredo:
+        return list(ip.teredo)
+    if any(ip in n for n in NAT64_NETWORKS) or (ip in IPV4_COMPATIBLE and int(ip) > 1):
+        return [ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)]
+    return []
+
+
+class AddressPolicy:
+    """Which addresses may be connected to: public ones; those inside `allow_hosts`; every loopback
+    and private one with `allow_private`. Link-local and metadata addresses only when an allow_hosts
+    entry lies inside their range (a broad entry such as 0.0.0.0/0 does not name them)."""
+
+    def __init__(self, allow_hosts: list[str] = (), allow_private: bool = False):
+        self.networks = [ipaddress.ip_network(h, strict=False) for h in allow_hosts]
+        self.allow_private = allow_private
+
+    @classmethod
+    def of(cls, cfg: DownloadConfig) -> "AddressPolicy":
+        return cls(cfg.allow_hosts, cfg.allow_private_addresses)
+
+    def allows(self, address: str | IPAddress) -> bool:
+        ip = ipaddress.ip_address(address.split("%")[0]) if isinstance(address, str) else address
+        embedded = embedded_ipv4(ip)
+        if embedded:
+            return all(self.allows(v4) for v4 in embedded)
+        metadata = [m for m in METADATA_NETWORKS if ip.version == m.version and ip in m]
+        named = [n for n in self.networks if n.version == ip.version and ip in n]
+        if metadata:
+            return any(n.subnet_of(m) for n in named for m in metadata)
+        if named:
+            return True
+        if ip.is_multicast or ip.is_unspecified or ip.is_reserved:
+            return False
+        # is_global is false for loopback, private, link-local, carrier-grade NAT and reserved addresses.
+        return ip.is_global or (self.allow_private and (ip.is_loopback or ip.is_private))
+
+
 def is_public_address(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    # is_global is false for loopback, private, link-local (incl. 169.254.169.254
-    # metadata), carrier-grade NAT, reserved and unspecified addresses.
-    return ip.is_global and not ip.is_multicast
+    return AddressPolicy().allows(address)
 
 
-class PublicOnlyResolver(aiohttp.abc.AbstractResolver):
-    """Resolves names and keeps only public addresses, so the checked address is the one connected to."""
+class CheckedResolver(aiohttp.abc.AbstractResolver):
+    """Resolves names and keeps only the addresses the policy allows, so the checked address is the
+    one connected to."""
 
-    def __init__(self) -> None:
-        self._inner = aiohttp.DefaultResolver()
+    def __init__(self, policy: AddressPolicy, inner: aiohttp.abc.AbstractResolver) -> None:
+        self.policy, self._inner = policy, inner
 
     async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET):
         found = await self._inner.resolve(host, port, family)
-        public = [r for r in found if is_public_address(r["host"])]
-        if not public:
-            raise BlockedAddress(f"{host} resolves to non-public {sorted({r['host'] for r in found})}")
-        return public
+        allowed = [r for r in found if self.policy.allows(r["host"])]
+        if not allowed:
+            raise BlockedAddress(f"{host} resolves to blocked {sorted({r['host'] for r in found})}")
+        return allowed
 
     async def close(self) -> None:
         await self._inner.close()
@@ -101,6 +153,7 @@ class DownloadStage:
         self.storage = storage or Storage()
         self.host_limits = host_limits
         self._agent_token = cfg.user_agent.split("/")[0].strip().lower()
+        self.policy = AddressPolicy.of(cfg)
         self._session: aiohttp.ClientSession | None = None
         self._leases: HostLeases | None = None
         self._slots: asyncio.Semaphore | None = None
@@ -162,7 +215,7 @@ class DownloadStage:
         self._slots = asyncio.Semaphore(cfg.concurrency_per_task)
         connector = aiohttp.TCPConnector(
             limit=cfg.concurrency_per_task, limit_per_host=0, ttl_dns_cache=300,
-            resolver=None if cfg.allow_private_addresses else PublicOnlyResolver())
+            resolver=CheckedResolver(self.policy, self.inner_resolver()))
         self._session = aiohttp.ClientSession(
             connector=connector, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
             headers={"User-Agent": cfg.user_agent},
@@ -170,8 +223,19 @@ class DownloadStage:
                                           sock_read=cfg.read_timeout_s))
         weakref.finalize(self, _close_soon, self._session)
 
+    @staticmethod
+    def inner_resolver() -> aiohttp.abc.AbstractResolver:
+        """What resolves names before the policy filters them (tests put a fake one here)."""
+        return aiohttp.DefaultResolver()
+
     # -- per row ---------------------------------------------------------------------
     async def _fetch(self, url: str | None) -> tuple[bytes | None, str | None, str | None]:
+        start = time.perf_counter()
+        result = await self._fetch_row(url)
+        metrics.observe("rs5m_download_seconds", time.perf_counter() - start, status=result[1] or "ok")
+        return result
+
+    async def _fetch_row(self, url: str | None) -> tuple[bytes | None, str | None, str | None]:
         try:
             if not url or not url.strip():
                 raise FetchFailure("invalid_url", "empty url")
@@ -231,14 +295,14 @@ class DownloadStage:
             raise FetchFailure("unsupported_scheme", target.scheme or "relative")
         if not target.host:
             raise FetchFailure("invalid_url", "no host")
-        if not self.cfg.allow_private_addresses:
-            try:
-                literal = ipaddress.ip_address(target.host)
-            except ValueError:
-                literal = None  # a name: PublicOnlyResolver checks what it resolves to
-            if literal is not None and not is_public_address(str(literal)):
-                raise FetchFailure("blocked_address", target.host)
-        return target
+        try:
+            literal = ipaddress.ip_address(target.host.split("%")[0])
+        except ValueError:
+            literal = None  # a name: CheckedResolver checks what it resolves to
+        if literal is not None and not self.policy.allows(literal):
+            raise FetchFailure("blocked_address", target.host)
+        # Credentials in a URL are never sent (aiohttp would turn them into Basic auth).
+        return target.with_user(None) if target.user is not None or target.password is not None else target
 
     async def _request(self, target: yarl.URL) -> tuple[bytes | None, str | None]:
         """One HTTP exchange: (body, None), or (None, Location) for a redirect."""

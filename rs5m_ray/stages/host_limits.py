@@ -26,6 +26,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
+from rs5m_ray import metrics
 from rs5m_ray.config import DownloadConfig
 
 # Local reuse of leases (only without a rate limit): how long a granted lease may serve
@@ -194,8 +195,10 @@ class HostLeases:
         if not st.calling:
             st.calling = True
             self._track(self._refill(host, st))
+        waiting = time.perf_counter()
         try:
             await fut
+            metrics.observe("rs5m_host_lease_wait_seconds", time.perf_counter() - waiting)
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():  # a lease was handed to us as we were cancelled
                 self.release(host)

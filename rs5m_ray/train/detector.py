@@ -18,11 +18,11 @@ import logging
 import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 from rs5m_ray.config import ScoringConfig
+from rs5m_ray.eval.detector import metrics
 from rs5m_ray.models.clip import load_clip
 from rs5m_ray.models.images import open_rgb
 from rs5m_ray.stages.rs_detector import DetectorMeta, backbone_transform, build_module, latest_version, save_detector
@@ -60,22 +60,6 @@ def balanced_splits(positives: list, negatives: list, seed: int) -> dict[str, li
     return splits
 
 
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Mann-Whitney estimate with ties counted half (tied scores share their average rank)."""
-    pos = labels == 1
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    order = np.argsort(scores, kind="stable")
-    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
-    ranks = np.empty(len(scores))
-    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
-    return {"accuracy": float(((probs >= 0.5) == (labels == 1)).mean()), "roc_auc": roc_auc(labels, probs),
-            "n": int(len(labels)), "n_positive": int(labels.sum())}
-
-
 def fit(module: nn.Module, batches, evaluate, epochs: int, lr: float) -> nn.Module:
     """AdamW on BCE; keeps the weights of the epoch with the lowest validation loss."""
     opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=1e-4)
@@ -92,7 +76,7 @@ def fit(module: nn.Module, batches, evaluate, epochs: int, lr: float) -> nn.Modu
         val_loss = evaluate()
         if val_loss < best:
             best, best_state = val_loss, {k: v.clone() for k, v in module.state_dict().items()}
-        log.debug("epoch %d val_loss %.4f", epoch, val_loss)
+        log.info("epoch %d of %d: val_loss %.4f", epoch + 1, epochs, val_loss)
     if best_state is None:
         raise RuntimeError("validation loss was never finite: training diverged (lower --lr)")
     module.load_state_dict(best_state)
@@ -163,8 +147,15 @@ def _augmented_batches(images, labels: torch.Tensor, augment, batch_size: int):
 
 def read_images(root: str, storage: Storage) -> list[bytes]:
     """Bytes of every readable image below `root` (unreadable ones are logged and skipped)."""
+    if not storage.exists(root):
+        raise FileNotFoundError(f"folder not found: {root}")
+    paths = list_images(root, storage)
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) below {root}")
     out = []
-    for path in list_images(root, storage):
+    for i, path in enumerate(paths, 1):
+        if i % 1000 == 0:
+            log.info("%s: read %d of %d images", root, i, len(paths))
         data = storage.read_bytes(path)
         try:
             open_rgb(data, 8)
@@ -211,7 +202,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """CLI entry: train, save, print the summary (checkpoint path, metrics) as JSON."""
+    """CLI entry: train, save, print the summary (checkpoint path, metrics) as JSON; progress on stderr."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(json.dumps(run(args), indent=1))
     return 0
 
@@ -219,6 +211,7 @@ def main(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace, storage: Storage | None = None) -> dict:
     storage = storage or Storage()
     positives, negatives = read_images(args.positives, storage), read_images(args.negatives, storage)
+    log.info("%d positive and %d negative images readable", len(positives), len(negatives))
     clip_cfg = ScoringConfig(clip_model=args.clip_model, clip_pretrained=args.clip_pretrained)
     module, meta = train_detector(positives, negatives, args.backbone, clip_cfg, args.hidden, args.image_size,
                                   args.epochs, args.batch_size, args.lr, args.seed, storage)
