@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import random
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -18,8 +19,9 @@ from rs5m_ray.shards.layout import sample_members, shard_name, tar_bytes
 from rs5m_ray.shards.reader import ShardReader, expand_urls, make_loader, normalize, preprocess, preprocess_batch
 from rs5m_ray.storage import Storage, join
 
-_spec = importlib.util.spec_from_file_location(
-    "shard_throughput", Path(__file__).resolve().parents[1] / "benchmarks" / "shard_throughput.py")
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # as when run as a script: its sibling `figures` imports
+_spec = importlib.util.spec_from_file_location("shard_throughput", BENCHMARKS / "shard_throughput.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
