@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rs5m_ray.config import ScoringConfig
+from rs5m_ray.eval.detector import roc_auc
 from rs5m_ray.sample.generate import aerial_image, jpeg, photo_image
 from rs5m_ray.stages.rs_detector import DetectorMeta, build_module, latest_version, load_detector, save_detector
 from rs5m_ray.storage import Storage, join
@@ -32,8 +33,8 @@ def test_roc_auc_matches_pairwise_definition():
     scores = np.round(rng.random(200) + 0.3 * labels, 1)  # rounding makes ties
     pos, neg = scores[labels == 1], scores[labels == 0]
     pairwise = ((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean()
-    assert train.roc_auc(labels, scores) == pytest.approx(pairwise)
-    assert train.roc_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4])) == 1.0
+    assert roc_auc(labels, scores) == pytest.approx(pairwise)
+    assert roc_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4])) == 1.0
 
 
 def _head_meta() -> DetectorMeta:
