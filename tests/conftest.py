@@ -27,6 +27,20 @@ def shared_data() -> Path:
     return d
 
 
+def untrained_detector(directory: str) -> str:
+    """A detector checkpoint: an untrained head on rs5m-tiny-vit embeddings, for tests of the machinery
+    (scores, staging, faults), never of what the scores mean."""
+    import torch
+
+    from rs5m_ray.stages.rs_detector import DetectorMeta, build_module, save_detector
+    from rs5m_ray.storage import Storage
+
+    torch.manual_seed(0)
+    meta = DetectorMeta("clip_head", {"embed_dim": 64, "hidden": 0},
+                        embedder={"clip_model": "rs5m-tiny-vit", "clip_pretrained": None})
+    return save_detector(build_module(meta), meta, directory, Storage())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

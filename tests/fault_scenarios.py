@@ -1,11 +1,13 @@
 """Run by test_faults.py in its own process: faults on a 3-node local Ray cluster (a head without
-CPUs, two 1-CPU workers), one cluster for both scenarios.
+CPUs, two 1-CPU workers), one cluster for all scenarios.
 
 - poisoned: an actor of a pool raises on one batch; the job ends (no hang) and succeeds, and that
   batch's rows are in the ledger as `stage_error`.
 - slow_down: S3 (moto behind a loopback fault proxy) answers 503 SlowDown to many requests while
   accounted tasks on the workers write their ledger and stats there and the driver reads them back;
   every request is retried with backoff, nothing is lost and no object is written twice.
+- node_lost: `rs5m pub11` with scoring, run clean, then again losing the node of the CLIP actor once
+  a part is scored (a replacement node joins, as the autoscaler's would); both runs' outputs compared.
 """
 import http.client
 import http.server
@@ -13,7 +15,9 @@ import json
 import os
 import sys
 import threading
+import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -22,10 +26,14 @@ import ray
 import ray.data
 from ray.cluster_utils import Cluster
 
-from rs5m_ray.config import StorageConfig
+from rs5m_ray.config import StorageConfig, load_config
 from rs5m_ray.ledger import Accounted, mark_dropped, read_parquet_dir
+from rs5m_ray.pipelines import pub11
+from rs5m_ray.sample.generate import generate
+from rs5m_ray.sample.image_server import ImageServer
 from rs5m_ray.storage import Storage
-from tests.conftest import free_port
+from tests.conftest import free_port, untrained_detector
+from tests.test_resume import outcome, shard_bytes
 
 ROWS, BATCH = 300, 50
 POISON = "laion2b_poison_120"
@@ -172,6 +180,69 @@ def slow_down(workdir: str) -> dict:
         moto.stop()
 
 
+def scoring_actor_node(cluster: Cluster):
+    """The worker node hosting the live CLIP scoring actor, or None."""
+    for actor in ray._private.state.actors().values():
+        if "ScorePart" in actor["ActorClassName"] + actor["Name"] and actor["State"] == "ALIVE":
+            for node in cluster.worker_nodes:
+                if node.node_id == actor["Address"]["NodeID"]:
+                    return node
+    return None
+
+
+def lose_scoring_node(cluster: Cluster, scores: Path, run: threading.Thread) -> dict:
+    """While `run` goes on: once a part is scored, remove the scoring actor's node at once (no graceful
+    drain) and add a replacement node (in the main thread: a node's start sets signal handlers).
+    Returns how many parts were scored at that moment."""
+    while run.is_alive():
+        scored = len(list(scores.glob("*.done.json")))
+        node = scoring_actor_node(cluster) if scored else None
+        if node is not None:
+            cluster.remove_node(node, allow_graceful=False)
+            cluster.add_node(num_cpus=1)
+            return {"scored_parts_at_loss": scored}
+        time.sleep(0.05)
+    return {}
+
+
+def scoring_restarts() -> int:
+    return sum(a["NumRestarts"] for a in ray._private.state.actors().values()
+               if "ScorePart" in a["ActorClassName"] + a["Name"])
+
+
+def node_lost(workdir: str, cluster: Cluster) -> dict:
+    root = Path(workdir) / "node_lost"
+    detector = untrained_detector(str(root / "detector"))
+    with ImageServer(directory=root / "images") as server:
+        sources = generate(str(root), server.url("img"), rows_per_source=40)["sources"]
+
+        def run(name: str) -> dict:
+            return pub11.run(load_config(overrides={
+                "output": str(root / name), "ingest": {"sources": sources}, "parts": {"num_parts": 8},
+                "download": {"allow_hosts": ["127.0.0.0/8"], "max_actors": 1},
+                "scoring": {"detector_checkpoint": detector, "forward_batch_size": 8},
+                "near_dup": {"cosine_threshold": 0.999}, "shards": {"train_shards": 2, "val_shards": 1}}))
+
+        clean = run("clean")
+        restarts_before = scoring_restarts()
+        reports: list = []
+        runner = threading.Thread(target=lambda: reports.append(run("faulted")), daemon=True)
+        runner.start()
+        lost = lose_scoring_node(cluster, root / "faulted" / "staging" / "scores", runner)
+        runner.join(400)
+        if not reports:
+            return {**lost, "finished": False}
+        faulted = reports[0]
+    samples = {name: outcome(root / name) for name in ("clean", "faulted")}
+    (clean_shards, clean_ledger), (faulted_shards, faulted_ledger) = samples["clean"], samples["faulted"]
+    return {**lost, "finished": True, "parts": 8, "scoring_restarts": scoring_restarts() - restarts_before,
+            "balanced": [clean["accounting_balanced"], faulted["accounting_balanced"]],
+            "clean_samples": len(clean_shards), "same_samples": set(clean_shards) == set(faulted_shards),
+            "same_drops": sorted(clean_ledger) == sorted(faulted_ledger),
+            "each_once": len(faulted_shards) == len(set(faulted_shards)) and not set(faulted_shards) & set(faulted_ledger),
+            "shards_identical": shard_bytes(root / "clean") == shard_bytes(root / "faulted")}
+
+
 def main(workdir: str) -> None:
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")  # before the nodes start: they inherit it
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
@@ -180,7 +251,8 @@ def main(workdir: str) -> None:
     ray.init(address=cluster.address, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        print(json.dumps({"poisoned": poisoned(workdir), "slow_down": slow_down(workdir)}))
+        print(json.dumps({"poisoned": poisoned(workdir), "slow_down": slow_down(workdir),
+                          "node_lost": node_lost(workdir, cluster)}))
     finally:
         ray.shutdown()
         cluster.shutdown()

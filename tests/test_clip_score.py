@@ -9,23 +9,24 @@ import pytest
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-from rs5m_ray.config import ScoringConfig
+from rs5m_ray.config import ScoringConfig, load_config
 from rs5m_ray.ledger import read_parquet_dir
 from rs5m_ray.models.clip import ClipModel
 from rs5m_ray.models.prompts import RS_PROMPTS
+from rs5m_ray.pipelines import pub11
+from rs5m_ray.pipelines.harness import Staging
+from rs5m_ray.pipelines.parts import stage_fetched
 from rs5m_ray.sample.generate import aerial_image, jpeg, photo_image
-from rs5m_ray.stages.clip_score import ClipScore, prompt_embedding, score_images
+from rs5m_ray.stages.clip_score import ClipScore, prompt_embedding
 from rs5m_ray.stages.rs_detector import DetectorMeta, build_module, save_detector
 from rs5m_ray.storage import Storage
+from tests.conftest import untrained_detector
 
 
 @pytest.fixture(scope="module")
 def head_checkpoint(tmp_path_factory) -> str:
-    """An untrained head for rs5m-tiny-vit embeddings (the stage's maths does not need a good one)."""
-    torch.manual_seed(0)
-    meta = DetectorMeta("clip_head", {"embed_dim": 64, "hidden": 0},
-                        embedder={"clip_model": "rs5m-tiny-vit", "clip_pretrained": None})
-    return save_detector(build_module(meta), meta, str(tmp_path_factory.mktemp("det")), Storage())
+    """An untrained head (the stage's maths does not need a good one)."""
+    return untrained_detector(str(tmp_path_factory.mktemp("det")))
 
 
 @pytest.fixture(scope="module")
@@ -135,17 +136,22 @@ def test_configuration_errors_are_clear(head_checkpoint):
         ClipScore(ScoringConfig(clip_model="rs5m-tiny-convnext", detector_checkpoint=head_checkpoint))
 
 
-def test_actor_pool_stage_accounts_for_every_row(ray_cluster, head_checkpoint, tmp_path):
-    import ray.data
-
-    data = images(10) + [b"broken", None]
-    ds = ray.data.from_arrow(batch(data)).repartition(3)
-    cfg = ScoringConfig(detector_checkpoint=head_checkpoint, batch_size=4, max_actors=2)
+def test_clip_pass_over_staged_parts_accounts_for_every_row(sort_shuffle, head_checkpoint, tmp_path):
+    """The pipeline's CLIP pass (`pub11.parts_phase`: ScorePart actors over staged image parts)."""
+    data = images(10) + [b"broken", b"\xff\xd8 truncated"]
+    table = batch(data)
+    parts = {"part-00000": table.slice(0, 5), "part-00001": table.slice(5, 4), "part-00002": table.slice(9)}
     out_dir, storage = str(tmp_path / "run"), Storage()
-    kept = score_images(ds, cfg, out_dir, storage).to_pandas()
-    assert len(kept) == 10 and {"image_embedding", "clip_score", "rs_prob"} <= set(kept.columns)
-    assert "drop_reason" not in kept.columns
+    cfg = load_config(overrides={"output": out_dir, "scoring": {"detector_checkpoint": head_checkpoint}})
+    stage_fetched(out_dir, storage, cfg.shards, parts)
+    pub11.parts_phase(cfg, storage, sorted(parts))
+
+    scored = read_parquet_dir(storage, f"{out_dir}/staging/scores")
+    assert len(scored) == 10 and {"image_embedding", "clip_score", "rs_prob"} <= set(scored.column_names)
+    assert not {"jpg", "drop_reason"} & set(scored.column_names)
     ledger = read_parquet_dir(storage, f"{out_dir}/ledger/clip_score")
-    assert sorted(ledger["drop_reason"].to_pylist()) == ["decode_error", "decode_error"]
+    assert sorted(ledger["sample_id"].to_pylist()) == ["laion2b_p_10", "laion2b_p_11"]
+    assert ledger["drop_reason"].to_pylist() == ["decode_error", "decode_error"]
     stats = read_parquet_dir(storage, f"{out_dir}/stats/clip_score")
     assert sum(stats["rows_in"].to_pylist()) == 12 and sum(stats["rows_out"].to_pylist()) == 10
+    assert [m["rows"] for m in sorted(Staging(out_dir, storage).markers("scores"), key=lambda m: m["part"])] == [5, 4, 1]

@@ -1,5 +1,5 @@
 """Faults on a real 3-node local Ray cluster (tests/fault_scenarios.py, in its own process): a poisoned
-batch in an actor pool, S3 answering 503 SlowDown."""
+batch in an actor pool, S3 answering 503 SlowDown, the CLIP actor's node lost mid-run."""
 import json
 import subprocess
 import sys
@@ -36,3 +36,13 @@ def test_s3_slow_down_is_retried_nothing_lost_nothing_written_twice(outcome):
     assert r["rows_in"] == 300 and r["ledgered"] == len(range(0, 300, 7)) and r["ledger_ids_unique"]
     assert r["objects"] == 2 * 6  # a ledger file and a stats file per batch
     assert r["puts_per_object"] == [1]  # every object stored once
+
+
+def test_node_lost_during_the_clip_pool_leaves_the_output_of_a_clean_run(outcome):
+    r = outcome["node_lost"]
+    assert r["finished"], "the run failed or hung"
+    assert 1 <= r["scored_parts_at_loss"] < r["parts"], "the node was lost while parts were still being scored"
+    assert r["scoring_restarts"] >= 1  # the CLIP actor died with its node and Ray Data restarted it
+    assert r["balanced"] == [True, True]
+    assert r["clean_samples"] > 0 and r["same_samples"] and r["same_drops"] and r["each_once"]
+    assert r["shards_identical"]

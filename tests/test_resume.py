@@ -1,5 +1,6 @@
 """Parts as the unit of resume, end to end through `rs5m pub11` in its own process: a driver
-SIGKILLed mid-download, a rerun after the web changed, byte-identical reruns, no secrets."""
+SIGKILLed mid-download, then a rerun after the web changed; a driver SIGKILLed during the CLIP pass,
+then a rerun that recomputes no finished part and writes a clean run's bytes; no secrets."""
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ import yaml
 
 from rs5m_ray.sample.generate import generate
 from rs5m_ray.sample.image_server import ImageServer
+from tests.conftest import untrained_detector
 
 ROWS_PER_SOURCE = 30
 SOURCES = 6
@@ -32,7 +34,10 @@ def upstream(tmp_path_factory):
         yield root, sample["sources"]
 
 
-def config(path: Path, sources: list, out: Path) -> Path:
+def config(path: Path, sources: list, out: Path, detector: str | None = None) -> Path:
+    """A run's config; with a `detector`, the CLIP pass runs (its near-dup threshold fits random weights)."""
+    scoring = {"enabled": True, "detector_checkpoint": detector, "forward_batch_size": 8} if detector else \
+        {"enabled": False}
     cfg = {
         "output": str(out),
         "storage": {"key": KEY, "secret": SECRET},  # unused by local paths, and never written anywhere
@@ -40,24 +45,25 @@ def config(path: Path, sources: list, out: Path) -> Path:
         "ingest": {"sources": sources},
         "parts": {"num_parts": 8},
         "download": {"allow_hosts": ["127.0.0.0/8"], "max_actors": 1, "concurrency_per_task": 3, "retries": 0},
-        "near_dup": {"embedding_enabled": False},
-        "scoring": {"enabled": False},
+        "near_dup": {"embedding_enabled": bool(detector), "cosine_threshold": 0.999},
+        "scoring": scoring,
         "shards": {"train_shards": 3, "val_shards": 1},
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def pub11(cfg: Path, kill_after_parts: int | None = None) -> subprocess.CompletedProcess | None:
-    """`rs5m pub11` in its own session; with `kill_after_parts`, SIGKILL its whole process group
-    (driver and the Ray instance it started) once that many parts are downloaded."""
+def pub11(cfg: Path, kill_after: tuple[str, int] | None = None) -> subprocess.CompletedProcess | None:
+    """`rs5m pub11` in its own session; with `kill_after=(phase, n)`, SIGKILL its whole process group
+    (driver and the Ray instance it started) once n parts of that staging phase are done."""
     cmd = [sys.executable, "-m", "rs5m_ray.cli", "pub11", "--config", str(cfg)]
-    if kill_after_parts is None:
+    if kill_after is None:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    phase, parts = kill_after
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    staged = Path(yaml.safe_load(cfg.read_text())["output"]) / "staging" / "images"
+    staged = Path(yaml.safe_load(cfg.read_text())["output"]) / "staging" / phase
     deadline = time.monotonic() + 300
-    while len(list(staged.glob("*.done.json"))) < kill_after_parts:
+    while len(list(staged.glob("*.done.json"))) < parts:
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.05)
@@ -82,7 +88,7 @@ def test_killed_driver_then_changed_upstream_loses_and_duplicates_nothing(upstre
     root, sources = upstream
     out = tmp_path / "run"
     cfg = config(tmp_path / "cfg.yaml", sources, out)
-    pub11(cfg, kill_after_parts=2)
+    pub11(cfg, kill_after=("images", 2))
     done_before = {p.name: p.read_bytes() for p in (out / "staging" / "images").glob("*.done.json")}
     assert 2 <= len(done_before) < 8, "killed mid-download"
     assert not (out / "report.json").exists()
@@ -111,15 +117,34 @@ def test_killed_driver_then_changed_upstream_loses_and_duplicates_nothing(upstre
         assert (out / "staging" / "images" / name).read_bytes() == marker
 
 
-def test_rerun_after_kill_is_byte_identical_to_a_clean_run_and_writes_no_secret(upstream, tmp_path):
+def finished_parts(out: Path) -> dict[str, tuple[bytes, int]]:
+    """Every done-marker (its bytes hold the part's start and end time) and its part file's mtime."""
+    staged = {}
+    for marker in (out / "staging").glob("*/part-*.done.json"):
+        part = marker.with_name(marker.name.replace(".done.json", ".parquet"))
+        staged[f"{marker.parent.name}/{marker.name}"] = (
+            marker.read_bytes(), part.stat().st_mtime_ns if part.exists() else None)
+    return staged
+
+
+def test_driver_killed_during_the_clip_pass_resumes_without_recomputing_and_writes_a_clean_runs_bytes(
+        upstream, tmp_path):
     _, sources = upstream
-    clean = config(tmp_path / "clean.yaml", sources, tmp_path / "clean")
+    detector = untrained_detector(str(tmp_path / "detector"))
+    clean = config(tmp_path / "clean.yaml", sources, tmp_path / "clean", detector)
     assert pub11(clean).returncode == 0
-    resumed = config(tmp_path / "resumed.yaml", sources, tmp_path / "resumed")
-    pub11(resumed, kill_after_parts=3)
+    resumed = config(tmp_path / "resumed.yaml", sources, tmp_path / "resumed", detector)
+    pub11(resumed, kill_after=("scores", 2))
+    before = finished_parts(tmp_path / "resumed")
+    scored = [name for name in before if name.startswith("scores/")]
+    assert 2 <= len(scored) < 8, "killed during the CLIP pass"
     finished = pub11(resumed)
     assert finished.returncode == 0, finished.stderr[-3000:]
 
+    after = finished_parts(tmp_path / "resumed")
+    assert len([name for name in after if name.startswith("scores/")]) == 8
+    for name, staged in before.items():  # parts finished before the kill: neither redone nor rewritten
+        assert after[name] == staged, name
     reference = shard_bytes(tmp_path / "clean")
     assert len(reference) >= 2 and shard_bytes(tmp_path / "resumed") == reference
 

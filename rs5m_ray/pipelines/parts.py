@@ -53,6 +53,16 @@ def stage_images(storage: Storage, staging: Staging, shards: ShardConfig, part: 
     return len(rows)
 
 
+def stage_fetched(output: str, storage: Storage, shards: ShardConfig, parts: dict[str, pa.Table]) -> None:
+    """Stage image rows fetched elsewhere (sample_id, source, jpg, ...) as done parts of the images
+    phase, as FetchPart stages them: what the part phases after it read (a benchmark's inputs, tests)."""
+    staging = Staging(output, storage)
+    for part, rows in parts.items():
+        started = time.time()
+        staged = stage_images(storage, staging, shards, part, [rows])
+        staging.mark_done(IMAGES, part, timed({"candidates": len(rows), "rows": staged}, started))
+
+
 def summary(parts: list[str], rows: list[int]) -> pa.Table:
     return pa.table([parts, rows], schema=SUMMARY)
 

@@ -27,19 +27,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
-import ray.data
 import torch
 
 from rs5m_ray import metrics
 from rs5m_ray.config import ScoringConfig
-from rs5m_ray.ledger import Accounted, mark_dropped
+from rs5m_ray.ledger import mark_dropped
 from rs5m_ray.models.clip import ClipModel, load_clip
 from rs5m_ray.models.images import open_rgb
 from rs5m_ray.models.prompts import RS_PROMPTS
 from rs5m_ray.stages.rs_detector import load_detector
 from rs5m_ray.storage import Storage
 
-STAGE = "clip_score"
 NO_BYTES = "no image bytes"
 
 # A decoded chunk: CLIP input and backbone-detector input (or None) of the images that
@@ -149,12 +147,3 @@ def embedding_column(emb: np.ndarray, null: np.ndarray) -> pa.ListArray:
     offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
     return pa.ListArray.from_arrays(offsets, pa.array(emb.reshape(-1)), mask=pa.array(null))
 
-
-def score_images(ds: ray.data.Dataset, cfg: ScoringConfig, output: str, storage: Storage) -> ray.data.Dataset:
-    """The CLIP pass as an accounted actor-pool stage: resources and pool size from `cfg`."""
-    return ds.map_batches(
-        Accounted,
-        fn_constructor_kwargs={"stage_name": STAGE, "output": output, "storage": storage, "stage": ClipScore,
-                               "stage_kwargs": {"cfg": cfg, "storage": storage}},
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
-        num_gpus=cfg.num_gpus or None, num_cpus=cfg.num_cpus, batch_size=cfg.batch_size, batch_format="pyarrow")
