@@ -198,9 +198,10 @@ def lose_scoring_node(cluster: Cluster, scores: Path, run: threading.Thread) -> 
         scored = len(list(scores.glob("*.done.json")))
         node = scoring_actor_node(cluster) if scored else None
         if node is not None:
+            lost_at = time.monotonic()
             cluster.remove_node(node, allow_graceful=False)
             cluster.add_node(num_cpus=1)
-            return {"scored_parts_at_loss": scored}
+            return {"scored_parts_at_loss": scored, "lost_at": lost_at}
         time.sleep(0.05)
     return {}
 
@@ -223,19 +224,22 @@ def node_lost(workdir: str, cluster: Cluster) -> dict:
                 "scoring": {"detector_checkpoint": detector, "forward_batch_size": 8},
                 "near_dup": {"cosine_threshold": 0.999}, "shards": {"train_shards": 2, "val_shards": 1}}))
 
+        started = time.monotonic()
         clean = run("clean")
-        restarts_before = scoring_restarts()
+        restarts_before, clean_done = scoring_restarts(), time.monotonic()
         reports: list = []
         runner = threading.Thread(target=lambda: reports.append(run("faulted")), daemon=True)
         runner.start()
         lost = lose_scoring_node(cluster, root / "faulted" / "staging" / "scores", runner)
         runner.join(400)
+        seconds = {"clean": clean_done - started, "faulted": time.monotonic() - clean_done,
+                   "after_loss": time.monotonic() - lost.pop("lost_at", clean_done)}
         if not reports:
             return {**lost, "finished": False}
         faulted = reports[0]
     samples = {name: outcome(root / name) for name in ("clean", "faulted")}
     (clean_shards, clean_ledger), (faulted_shards, faulted_ledger) = samples["clean"], samples["faulted"]
-    return {**lost, "finished": True, "parts": 8, "scoring_restarts": scoring_restarts() - restarts_before,
+    return {**lost, "seconds": {k: round(v, 1) for k, v in seconds.items()}, "finished": True, "parts": 8, "scoring_restarts": scoring_restarts() - restarts_before,
             "balanced": [clean["accounting_balanced"], faulted["accounting_balanced"]],
             "clean_samples": len(clean_shards), "same_samples": set(clean_shards) == set(faulted_shards),
             "same_drops": sorted(clean_ledger) == sorted(faulted_ledger),
