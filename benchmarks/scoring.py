@@ -158,7 +158,10 @@ def ray_pipeline(stage: ClipScore, data: list[bytes], out: str, parts: int = 8) 
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    cfg = dataclasses.replace(load_config(overrides={"output": out}), scoring=stage.cfg)
+    # The scoring actor gets the cores the in-process runs use (Ray sizes its torch threads by num_cpus);
+    # the fetch actors only skip the staged parts.
+    cfg = load_config(overrides={"output": out, "download": {"num_cpus": 0}})
+    cfg = dataclasses.replace(cfg, scoring=dataclasses.replace(stage.cfg, num_cpus=float(os.cpu_count())))
     table, storage = as_table(data), Storage()
     step = -(-len(data) // parts)
     staged = {part_name(i): table.slice(i * step, step) for i in range(parts) if i * step < len(data)}

@@ -267,7 +267,7 @@ class ScoringConfig:
     prompts: list[str] | None = bounded(None, min_len=1, item_min_len=1)  # None = RS5M's 33 prompts (rs5m_ray.models.prompts)
     normalize_prompts: bool = True  # L2-normalise each prompt embedding before averaging
     detector_checkpoint: str | None = None  # versioned detector dir (rs5m train-detector --out)
-    batch_size: int = bounded(256, ge=1)  # rows per Ray batch
+    batch_size: int = bounded(256, ge=1)  # rows per stage call (read across a staged part's row groups)
     forward_batch_size: int = bounded(64, ge=1)  # images per forward; decode of the next chunk overlaps this one
     decode_threads: int = bounded(2, ge=1)  # per actor
     # Let libjpeg decode large JPEGs at a reduced scale (fast path: only while keeping

@@ -125,7 +125,7 @@ class FetchPart:
 
 
 class ScorePart:
-    """The CLIP image pass over whole staged parts, one row group at a time; stages the light rows."""
+    """The CLIP image pass over whole staged parts, `scoring.batch_size` rows at a time; stages the light rows."""
 
     def __init__(self, cfg: PipelineConfig, storage: Storage):
         from rs5m_ray.stages.clip_score import ClipScore  # here, so torch stays out of the fetch actors
@@ -138,13 +138,16 @@ class ScorePart:
         return summary(parts, [self.score(p) if n else 0 for p, n in zip(parts, rows)])
 
     def score(self, part: str) -> int:
-        return stage_light_part(self.stage, "clip_score", self.cfg.output, self.storage, IMAGES, SCORES, part)
+        return stage_light_part(self.stage, "clip_score", self.cfg.output, self.storage, IMAGES, SCORES, part,
+                                self.cfg.scoring.batch_size)
 
 
 def stage_light_part(stage, stage_name: str, output: str, storage: Storage, source: str, phase: str,
-                     part: str) -> int:
-    """Run `stage` over staging/<source>/<part> one row group at a time; commit the kept rows without
-    their image bytes to staging/<phase>/<part>, the ledger and counts, then the done-marker."""
+                     part: str, batch_rows: int) -> int:
+    """Run `stage` over staging/<source>/<part> in batches of `batch_rows` rows (read across the part's row
+    groups, which follow its shards: a part spread over many shards has row groups of a few rows, too few
+    for a forward pass); commit the kept rows without their image bytes to staging/<phase>/<part>, the
+    ledger and counts, then the done-marker."""
     staging = Staging(output, storage)
     done = staging.marker(phase, part)
     if done is not None:
@@ -153,9 +156,8 @@ def stage_light_part(stage, stage_name: str, output: str, storage: Storage, sour
     account = PartAccount(stage_name, output, storage)
     light = []
     with storage.open(staging.path(source, part)) as f:
-        staged = pq.ParquetFile(f)
-        for group in range(staged.num_row_groups):
-            batch = staged.read_row_group(group)
+        for records in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
+            batch = pa.Table.from_batches([records])
             start = time.perf_counter()
             result = run_stage(stage, batch, stage_name)
             light.append(account.add(batch, result, time.perf_counter() - start).drop_columns(["jpg"]))
@@ -169,7 +171,7 @@ def stage_light_part(stage, stage_name: str, output: str, storage: Storage, sour
 
 class CaptionPart:
     """RS3: candidates, ranking and the final caption (`stages.caption`) over whole staged parts of
-    `previous` (with `jpg`), one row group at a time; stages the light rows in `CAPTIONS`."""
+    `previous` (with `jpg`), `caption.batch_size` rows at a time; stages the light rows in `CAPTIONS`."""
 
     def __init__(self, cfg: Rs3Config, storage: Storage, previous: str):
         from rs5m_ray.stages.caption import CaptionStage  # here, so torch stays out of the reading actors
@@ -180,7 +182,8 @@ class CaptionPart:
     def __call__(self, items: pa.Table) -> pa.Table:
         parts, rows = items[PART].to_pylist(), items["rows"].to_pylist()
         return summary(parts, [stage_light_part(self.stage, "caption", self.cfg.output, self.storage, self.previous,
-                                                CAPTIONS, p) if n else 0 for p, n in zip(parts, rows)])
+                                                CAPTIONS, p, self.cfg.caption.batch_size) if n else 0
+                               for p, n in zip(parts, rows)])
 
 
 class ReadLabeledPart:
