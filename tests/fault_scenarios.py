@@ -237,13 +237,14 @@ def node_lost(workdir: str, cluster: Cluster) -> dict:
         if not reports:
             return {**lost, "finished": False}
         faulted = reports[0]
-    samples = {name: outcome(root / name) for name in ("clean", "faulted")}
-    (clean_shards, clean_ledger), (faulted_shards, faulted_ledger) = samples["clean"], samples["faulted"]
-    return {**lost, "seconds": {k: round(v, 1) for k, v in seconds.items()}, "finished": True, "parts": 8, "scoring_restarts": scoring_restarts() - restarts_before,
+    (clean_shards, clean_ledger), (faulted_shards, faulted_ledger) = outcome(root / "clean"), outcome(root / "faulted")
+    return {**lost, "finished": True, "parts": 8, "seconds": {k: round(v, 1) for k, v in seconds.items()},
+            "scoring_restarts": scoring_restarts() - restarts_before,
             "balanced": [clean["accounting_balanced"], faulted["accounting_balanced"]],
             "clean_samples": len(clean_shards), "same_samples": set(clean_shards) == set(faulted_shards),
             "same_drops": sorted(clean_ledger) == sorted(faulted_ledger),
-            "each_once": len(faulted_shards) == len(set(faulted_shards)) and not set(faulted_shards) & set(faulted_ledger),
+            "each_once": len(faulted_shards) == len(set(faulted_shards))
+            and not set(faulted_shards) & set(faulted_ledger),
             "shards_identical": shard_bytes(root / "clean") == shard_bytes(root / "faulted")}
 
 
@@ -255,8 +256,9 @@ def main(workdir: str) -> None:
     ray.init(address=cluster.address, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        print(json.dumps({"poisoned": poisoned(workdir), "slow_down": slow_down(workdir),
-                          "node_lost": node_lost(workdir, cluster)}))
+        # A file, not stdout: the raylets print warnings there at any time.
+        Path(workdir, "outcome.json").write_text(json.dumps({
+            "poisoned": poisoned(workdir), "slow_down": slow_down(workdir), "node_lost": node_lost(workdir, cluster)}))
     finally:
         ray.shutdown()
         cluster.shutdown()

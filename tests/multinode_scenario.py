@@ -3,6 +3,7 @@ import json
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -53,7 +54,7 @@ def main(workdir: str) -> None:
     ledger = read_parquet_dir(storage, f"{cfg.output}/ledger")
     stats = read_parquet_dir(storage, f"{cfg.output}/stats")
     ingest = stats.filter(pa.compute.equal(stats["stage"], "ingest"))
-    print(json.dumps({
+    Path(workdir, "outcome.json").write_text(json.dumps({  # a file, not stdout: the raylets print there
         "input_rows": files * 1000, "ingest_rows": pa.compute.sum(ingest["rows_in"]).as_py(),
         "kept": len(kept), "dropped": len(ledger),
         "unique_ids": len(set(kept["sample_id"].to_pylist()) | set(ledger["sample_id"].to_pylist())),

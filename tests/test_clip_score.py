@@ -154,4 +154,5 @@ def test_clip_pass_over_staged_parts_accounts_for_every_row(sort_shuffle, head_c
     assert ledger["drop_reason"].to_pylist() == ["decode_error", "decode_error"]
     stats = read_parquet_dir(storage, f"{out_dir}/stats/clip_score")
     assert sum(stats["rows_in"].to_pylist()) == 12 and sum(stats["rows_out"].to_pylist()) == 10
-    assert [m["rows"] for m in sorted(Staging(out_dir, storage).markers("scores"), key=lambda m: m["part"])] == [5, 4, 1]
+    markers = sorted(Staging(out_dir, storage).markers("scores"), key=lambda m: m["part"])
+    assert [m["rows"] for m in markers] == [5, 4, 1]

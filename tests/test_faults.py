@@ -12,10 +12,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def outcome(tmp_path_factory):
-    run = subprocess.run([sys.executable, "-m", "tests.fault_scenarios", str(tmp_path_factory.mktemp("faults"))],
+    workdir = tmp_path_factory.mktemp("faults")
+    run = subprocess.run([sys.executable, "-m", "tests.fault_scenarios", str(workdir)],
                          capture_output=True, text=True, timeout=600, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return json.loads((workdir / "outcome.json").read_text())
 
 
 def test_poisoned_batch_in_an_actor_pool_goes_to_the_ledger_without_failing_the_job(outcome):
